@@ -1,0 +1,406 @@
+"""The command line: parse flags, call one service function, turn errors into messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from executor import __version__
+from executor.config import Settings, load_settings
+from executor.errors import ExecutorError, ExitCode, InputError, NotFoundError
+from executor.logs import setup_logging
+from executor.store import Database, open_database
+
+app = typer.Typer(
+    name="executor",
+    help=(
+        "Run thousands of prompts through a GGUF model on one GPU (or the CPU), overnight, "
+        "without babysitting.\n\n"
+        "  executor submit prompts.jsonl        # validate, queue, print the job id\n\n"
+        "  executor run --until-empty           # load the model once, drain the queue, exit\n\n"
+        "  executor status                      # jobs, counts, tokens/s, ETA\n\n"
+        "  executor export JOB -o results.jsonl # results in input order\n\n"
+        "Settings come from flags, then EXECUTOR_* variables, then the config file "
+        "($XDG_CONFIG_HOME/executor/config.yaml or --config), then defaults."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+db_app = typer.Typer(
+    help="Database schema: show the revision, upgrade to the newest.", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+
+# --- options shared by commands ----------------------------------------------------------------
+
+DbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Database: a file path (SQLite) or a SQLAlchemy URL. "
+        "[env EXECUTOR_DB; default $XDG_DATA_HOME/executor/executor.db]",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="YAML config file. [env EXECUTOR_CONFIG; default "
+        "$XDG_CONFIG_HOME/executor/config.yaml if it exists]",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="Log lines on stderr: plain or json. [env EXECUTOR_LOG_FORMAT]",
+        show_default=False,
+    ),
+]
+JobArg = Annotated[int, typer.Argument(help="Job id, as printed by submit or status.")]
+
+
+def _settings(config: str | None, **flags: Any) -> Settings:
+    return load_settings(flags, config=config)
+
+
+def _open(settings: Settings) -> Database:
+    return open_database(settings.db_url)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _say(message: str) -> None:
+    """Human-facing messages go to stderr, so stdout stays clean for ids and data."""
+    typer.echo(message, err=True)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    file: Annotated[str, typer.Argument(help="Prompt file (JSON lines), or - for stdin.")],
+    name: Annotated[str | None, typer.Option(help="Job name (default: the file name).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="GGUF model path. [env EXECUTOR_MODEL; default: SmolLM2-135M-Instruct]",
+            show_default=False,
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Completion length per prompt unless a line says otherwise. [default 256]",
+            show_default=False,
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(help="Sampling temperature; 0 is greedy. [default 0]", show_default=False),
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling. [default 1.0]", show_default=False)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Sampling seed. [default 0]", show_default=False)
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Queue a new job even if this exact submission exists.")
+    ] = False,
+    skip_invalid: Annotated[
+        bool,
+        typer.Option(
+            "--skip-invalid",
+            help="Queue the valid lines; record each bad line as a failed item.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Validate a prompt file and queue it as a job; print the job id.
+
+    Each line is a JSON object: {"prompt": "..."} for a raw completion or {"messages": [...]}
+    for a chat (the model's own chat template applies), with optional "custom_id" (default:
+    the line number), "max_tokens", "temperature", "top_p", "seed", "stop" and "metadata".
+    Blank lines are skipped. If any line is invalid, each is reported as FILE:LINE: reason,
+    nothing is queued, and the exit code is 2.
+
+    Submitting the same content with the same model and parameters again prints the existing
+    job id (safe from cron); --force queues it anew.
+    """
+    from executor.submit import submit as submit_file
+
+    settings = _settings(
+        config,
+        db=db,
+        model=model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    result = submit_file(
+        settings, _open(settings), file, name=name, force=force, skip_invalid=skip_invalid
+    )
+    if as_json:
+        _print_json(result.__dict__)
+        return
+    if result.created:
+        invalid = f" ({result.invalid} invalid, recorded as failed)" if result.invalid else ""
+        _say(f"job {result.job_id}: {result.items} prompts queued{invalid}")
+    else:
+        _say(
+            f"job {result.job_id} already has this file with this model and these parameters;"
+            " not queued again (--force to queue anew)"
+        )
+    typer.echo(result.job_id)
+
+
+@app.command()
+def run(
+    until_empty: Annotated[
+        bool,
+        typer.Option(
+            "--until-empty",
+            help="Exit when the queue is empty (for cron); default: keep waiting for new jobs.",
+        ),
+    ] = False,
+    job: Annotated[int | None, typer.Option("--job", help="Work on this job only.")] = None,
+    max_items: Annotated[
+        int | None, typer.Option(help="Stop after this many items.", min=1)
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Items claimed at a time. [env EXECUTOR_BATCH_SIZE; default 16]",
+            show_default=False,
+        ),
+    ] = None,
+    ctx: Annotated[
+        int | None,
+        typer.Option(
+            help="Context size (tokens). [env EXECUTOR_CTX; default 4096]", show_default=False
+        ),
+    ] = None,
+    gpu_layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Layers on the GPU: auto, all or a number. "
+            "[env EXECUTOR_GPU_LAYERS; default auto]",
+            show_default=False,
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads. [env EXECUTOR_THREADS; default: llama.cpp's choice]",
+            show_default=False,
+        ),
+    ] = None,
+    stop_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM/Ctrl-C: seconds to let the item in flight finish.")
+    ] = 30.0,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="llama, or fake (echoes prompts: for testing pipelines). [env EXECUTOR_ENGINE]",
+            show_default=False,
+            hidden=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    log_format: LogFormatOpt = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Process queued jobs: load each model once, generate, checkpoint every result.
+
+    The model runs in a child process: if it crashes, the items it was working on go back to
+    the queue. Only one `executor run` works on a database at a time; a second one exits at
+    once with code 3. SIGTERM or Ctrl-C stops gracefully (a second one stops at once); the
+    exit code is then 0 and nothing is lost.
+    """
+    from executor.progress import Progress
+    from executor.worker import RunOptions, run_worker
+
+    settings = _settings(
+        config,
+        db=db,
+        batch_size=batch_size,
+        ctx=ctx,
+        gpu_layers=gpu_layers,
+        threads=threads,
+        engine=engine,
+        log_format=log_format,
+    )
+    status_line = setup_logging(settings.log_format)
+    database = _open(settings)
+    options = RunOptions(
+        until_empty=until_empty, job_id=job, max_items=max_items, stop_timeout=stop_timeout
+    )
+    if job is not None:
+        from executor.store import queue
+
+        if queue.get_job(database, job) is None:
+            raise NotFoundError(f"no job {job}", hint="`executor status` lists the jobs")
+    started = time.monotonic()
+    summary = run_worker(
+        settings, database, options, Progress(status_line, settings.progress_seconds)
+    )
+    elapsed = time.monotonic() - started
+    if as_json:
+        _print_json({**summary.__dict__, "elapsed_s": round(elapsed, 3)})
+    else:
+        _say(
+            f"run {'stopped' if summary.stopped_by_signal else 'finished'}: {summary.done} done, "
+            f"{summary.failed} failed, {summary.completion_tokens} tokens in {elapsed:.1f}s"
+        )
+
+
+@app.command()
+def status(
+    job: Annotated[int | None, typer.Argument(help="Only this job.")] = None,
+    limit: Annotated[int, typer.Option(help="How many recent jobs.")] = 20,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show jobs: items queued, running, done and failed; tokens, tokens/s and ETA."""
+    from executor.report import format_table, job_rows
+
+    settings = _settings(config, db=db)
+    rows = job_rows(_open(settings), job, limit)
+    if as_json:
+        _print_json(rows if job is None else rows[0])
+    else:
+        typer.echo(format_table(rows))
+
+
+@app.command()
+def export(
+    job: JobArg,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Write here (atomically: a temporary file, then renamed). Default: stdout.",
+        ),
+    ] = None,
+    include_failed: Annotated[
+        bool,
+        typer.Option(
+            "--include-failed",
+            help="Also export failed, invalid and cancelled items, with their error.",
+        ),
+    ] = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a job's results as JSON lines, in input order.
+
+    Each line: custom_id, line, status, output, finish_reason, prompt_tokens,
+    completion_tokens, timings (ms) and error. While the job runs, you get what is done so far.
+    """
+    from executor.export import export_job
+
+    settings = _settings(config, db=db)
+    result = export_job(_open(settings), job, output, include_failed=include_failed)
+    where = "stdout" if output in (None, "-") else output
+    note = "" if result.job_status == "done" else f" (job is {result.job_status})"
+    _say(f"job {job}: exported {result.lines} of {result.item_count} items to {where}{note}")
+
+
+@app.command()
+def cancel(job: JobArg, db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """Cancel a job: its queued items will not run (finished results stay)."""
+    from executor.store import queue
+
+    settings = _settings(config, db=db)
+    database = _open(settings)
+    if queue.get_job(database, job) is None:
+        raise NotFoundError(f"no job {job}", hint="`executor status` lists the jobs")
+    n = queue.cancel_job(database, job)
+    _say(f"job {job}: cancelled ({n} items will not run; `executor retry {job}` resumes)")
+
+
+@app.command()
+def retry(job: JobArg, db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """Put a job's failed and cancelled items back in the queue (invalid lines stay failed)."""
+    from executor.store import queue
+
+    settings = _settings(config, db=db)
+    database = _open(settings)
+    if queue.get_job(database, job) is None:
+        raise NotFoundError(f"no job {job}", hint="`executor status` lists the jobs")
+    n = queue.retry_job(database, job)
+    _say(f"job {job}: {n} items queued again")
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """Apply schema migrations (also done automatically whenever a command opens the DB)."""
+    settings = _settings(config, db=db)
+    database = open_database(settings.db_url)
+    _say(
+        f"{database.url.render_as_string(hide_password=True)} is at revision {database.revision()}"
+    )
+
+
+@db_app.command("revision")
+def db_revision(db: DbOpt = None, config: ConfigOpt = None) -> None:
+    """Print the database's schema revision and the newest one this version knows."""
+    from executor.store.db import Database, head_revision
+
+    settings = _settings(config, db=db)
+    typer.echo(
+        f"database {Database(settings.db_url).revision() or '(blank)'}, code {head_revision()}"
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; domain errors become one message and a documented exit code."""
+    debug = os.environ.get("EXECUTOR_DEBUG") == "1"
+    try:
+        # Standalone mode: Typer prints usage errors itself (exit 2) and exits after a command.
+        app(args=argv, prog_name="executor")
+    except ExecutorError as exc:
+        if debug:
+            raise
+        if isinstance(exc, InputError):
+            for problem in exc.problems:
+                _say(problem)
+        _say(f"executor: error: {exc}")
+        if exc.hint:
+            _say(f"  hint: {exc.hint}")
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if debug:
+            raise
+        _say(f"executor: internal error: {type(exc).__name__}: {exc}")
+        _say("  hint: rerun with EXECUTOR_DEBUG=1 for the traceback, and report it")
+        sys.exit(ExitCode.INTERNAL)

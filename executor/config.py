@@ -1,0 +1,238 @@
+"""Settings: flag > EXECUTOR_* environment > YAML config file > defaults, validated in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from executor.errors import ConfigError
+
+
+def xdg_dir(kind: str) -> Path:
+    """The XDG base directory of `kind` (data, state, config, cache) for executor."""
+    env, fallback = {
+        "data": ("XDG_DATA_HOME", ".local/share"),
+        "state": ("XDG_STATE_HOME", ".local/state"),
+        "config": ("XDG_CONFIG_HOME", ".config"),
+        "cache": ("XDG_CACHE_HOME", ".cache"),
+    }[kind]
+    base = os.environ.get(env) or str(Path.home() / fallback)
+    return Path(base) / "executor"
+
+
+# --- value parsers: each takes a str (env, flag) or a YAML value and returns the typed value ----
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def _float(minimum: float, maximum: float | None = None) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            upper = f" and at most {maximum}" if maximum is not None else ""
+            raise ValueError(f"must be at least {minimum}{upper}, got {number}")
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool) or str(value) == "":
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return str(value)
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def wrapped(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return parse(value)
+
+    return wrapped
+
+
+def _gpu_layers(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return -1
+    number = _int(-1)(value)
+    return number
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its parser, default and a line of help (shown by `config show`)."""
+
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+OPTIONS: dict[str, Option] = {
+    "db": Option(_text, None, "database: a path (SQLite) or a SQLAlchemy URL"),
+    "model": Option(_optional(_text), None, "GGUF model path; unset = the default model"),
+    "engine": Option(_choice("llama", "fake"), "llama", "llama (real) or fake (tests, dry runs)"),
+    "ctx": Option(_int(64), 4096, "context size in tokens per sequence"),
+    "gpu_layers": Option(_gpu_layers, "auto", "layers on the GPU: auto, all, or a number"),
+    "threads": Option(_optional(_int(1)), None, "CPU threads for llama.cpp; unset = its default"),
+    "batch_size": Option(_int(1), 16, "items claimed from the queue at a time"),
+    "lease_seconds": Option(_int(10), 120, "how long a claim lasts without a heartbeat"),
+    "poll_seconds": Option(_float(0.05), 5.0, "wait between looks at an empty queue"),
+    "max_attempts": Option(_int(1), 3, "crashes of the model process an item may cause"),
+    "progress_seconds": Option(_float(0.1), 10.0, "interval of progress log lines (no terminal)"),
+    "log_format": Option(_choice("plain", "json"), "plain", "log lines: plain or json"),
+    "max_tokens": Option(_int(1), 256, "default completion length per prompt"),
+    "temperature": Option(_float(0.0, 5.0), 0.0, "default sampling temperature (0 = greedy)"),
+    "top_p": Option(_float(0.0, 1.0), 1.0, "default nucleus sampling threshold"),
+    "seed": Option(_int(0), 0, "default sampling seed (same seed, same text)"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings and, per key, where each value came from."""
+
+    db: str
+    model: str | None
+    engine: str
+    ctx: int
+    gpu_layers: int | str
+    threads: int | None
+    batch_size: int
+    lease_seconds: int
+    poll_seconds: float
+    max_attempts: int
+    progress_seconds: float
+    log_format: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+    config_file: Path | None = None
+
+    @property
+    def db_url(self) -> str:
+        """The database as a SQLAlchemy URL (a bare path means a SQLite file)."""
+        if "://" in self.db:
+            return self.db
+        return f"sqlite:///{Path(self.db).expanduser().resolve()}"
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The job-level generation parameters that submit records."""
+        return {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "seed")}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting by name (without the provenance)."""
+        return {k: getattr(self, k) for k in OPTIONS}
+
+
+def _config_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path | None, bool]:
+    """The config file to read and whether it must exist (it must if it was named)."""
+    if explicit:
+        return Path(explicit).expanduser(), True
+    if env.get("EXECUTOR_CONFIG"):
+        return Path(env["EXECUTOR_CONFIG"]).expanduser(), True
+    default = xdg_dir("config") / "config.yaml"
+    return default, False
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge defaults, the config file, EXECUTOR_* variables and flags; validate every value."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, option in OPTIONS.items():
+        values[key], sources[key] = option.default, "default"
+
+    path, required = _config_path(config, env)
+    used_file = None
+    if path is not None and path.exists():
+        used_file = path
+        for key, raw in _read_file(path).items():
+            if key not in OPTIONS:
+                raise ConfigError(
+                    f"{path}: unknown setting {key!r}",
+                    hint=f"known settings: {', '.join(OPTIONS)}",
+                )
+            values[key] = _parse(key, raw, f"{path}: {key}")
+            sources[key] = f"file {path}"
+    elif required:
+        raise ConfigError(f"config file {path} does not exist")
+
+    for key in OPTIONS:
+        name = f"EXECUTOR_{key.upper()}"
+        if name in env:
+            values[key] = _parse(key, env[name], name)
+            sources[key] = f"env {name}"
+
+    for key, raw in flags.items():
+        if key not in OPTIONS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _parse(key, raw, f"--{key.replace('_', '-')}")
+        sources[key] = "flag"
+
+    if values["db"] is None:
+        values["db"] = str(xdg_dir("data") / "executor.db")
+    return Settings(**values, sources=sources, config_file=used_file)
+
+
+def _parse(key: str, raw: Any, where: str) -> Any:
+    try:
+        return OPTIONS[key].parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

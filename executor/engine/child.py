@@ -1,0 +1,97 @@
+"""The model process: loads the engine once, then generates the items the parent sends.
+
+Messages (tuples over a multiprocessing Pipe):
+  parent → child: ("batch", [GenerationRequest]), ("drop", [item_id]), ("stop",)
+  child → parent: ("ready", info), ("load_failed", reason), ("start", item_id),
+                  ("result", item_id, ResultRecord), ("error", item_id, reason), ("batch_done",)
+
+llama.cpp aborts the whole process on a CUDA error during decode, so nothing here tries to
+survive that: the parent notices the death and re-queues what was in flight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections import deque
+from multiprocessing.connection import Connection
+
+from executor.engine import GenerationRequest, ItemError, LoadError, LoadSpec, create_engine
+
+PR_SET_PDEATHSIG = 1
+
+
+def main(conn: Connection, spec: LoadSpec, log_path: str) -> None:
+    """Entry point of the spawned model process."""
+    _redirect_output(log_path)
+    # Signals are the parent's business: Ctrl-C on a terminal and systemd's SIGTERM reach the
+    # whole process group, but stopping (finish or release the item in flight) is decided there.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    print(f"executor model process {os.getpid()}: loading {spec}", file=sys.stderr, flush=True)
+    try:
+        engine = create_engine(spec)
+    except LoadError as exc:
+        conn.send(("load_failed", str(exc)))
+        return
+    except Exception as exc:  # a bad file, an unsupported architecture, ...
+        conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", engine.describe()))
+    try:
+        _serve(conn, engine)
+    except (EOFError, BrokenPipeError):
+        pass  # the parent is gone; nothing is left to report to
+    finally:
+        engine.close()
+
+
+def _serve(conn: Connection, engine) -> None:
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        if message[0] != "batch":
+            continue
+        pending: deque[GenerationRequest] = deque(message[1])
+        dropped: set[int] = set()
+        while pending:
+            while conn.poll():  # drops and stops arrive between items
+                extra = conn.recv()
+                if extra[0] == "drop":
+                    dropped.update(extra[1])
+                elif extra[0] == "stop":
+                    return
+            request = pending.popleft()
+            if request.item_id in dropped:
+                continue
+            conn.send(("start", request.item_id))
+            try:
+                record = engine.generate(request)
+            except ItemError as exc:
+                conn.send(("error", request.item_id, str(exc)))
+            else:
+                conn.send(("result", request.item_id, record))
+        conn.send(("batch_done",))
+
+
+def _redirect_output(log_path: str) -> None:
+    """Send this process's stdout and stderr (llama.cpp's log included) to the engine log."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the parent dies, so no orphan keeps holding VRAM."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the broken pipe ends us after the item in flight
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)

@@ -1,0 +1,293 @@
+"""Reading prompt files line by line and validating each line, streaming (never the whole file)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from executor.errors import InputError
+
+ROLES = ("system", "user", "assistant")
+PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+LINE_KEYS = ("prompt", "messages", "custom_id", "metadata", *PARAM_KEYS)
+MAX_SEED = 2**32 - 1
+MAX_REPORTED = 20  # bad lines listed one by one; the rest are counted
+
+
+class LineError(ValueError):
+    """What is wrong with one input line."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One non-blank input line: valid (`request` set) or not (`error` set)."""
+
+    line: int
+    custom_id: str
+    request: dict[str, Any] | None = None
+    error: str | None = None
+    raw: str = ""
+
+
+@dataclass
+class Scan:
+    """Totals of a full pass over the file."""
+
+    sha256: str = ""
+    valid: int = 0
+    invalid: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+class PromptFile:
+    """A prompt file (or stdin, spooled to disk so it can be read twice) to scan repeatedly."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.display = "<stdin>" if source == "-" else source
+        self._spool: IO[bytes] | None = None
+        if source == "-":
+            self._spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+            shutil.copyfileobj(sys.stdin.buffer, self._spool)
+        elif not Path(source).is_file():
+            raise InputError(f"{source}: no such file")
+
+    @property
+    def path_for_record(self) -> str:
+        """What the job records as its input path."""
+        return "-" if self._spool else str(Path(self.source).resolve())
+
+    def _open(self) -> IO[bytes]:
+        if self._spool is not None:
+            self._spool.seek(0)
+            return _Unclosable(self._spool)
+        return open(self.source, "rb")
+
+    def entries(self, digest: hashlib._Hash | None = None) -> Iterator[Entry]:
+        """Every non-blank line, validated; `digest` is fed the raw bytes as they are read."""
+        seen: dict[str, int] = {}
+        with self._open() as stream:
+            for number, raw in enumerate(stream, start=1):
+                if digest is not None:
+                    digest.update(raw)
+                if not raw.strip():
+                    continue
+                yield _entry(raw, number, seen)
+
+    def scan(self) -> Scan:
+        """Validate every line and hash the content, keeping only counts and the first problems."""
+        digest = hashlib.sha256()
+        result = Scan()
+        for entry in self.entries(digest):
+            if entry.error is None:
+                result.valid += 1
+            else:
+                result.invalid += 1
+                if len(result.problems) < MAX_REPORTED:
+                    result.problems.append(f"{self.display}:{entry.line}: {entry.error}")
+        result.sha256 = digest.hexdigest()
+        if result.valid + result.invalid == 0:
+            raise InputError(f"{self.display}: empty file: no prompts to run")
+        return result
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+
+
+class _Unclosable:
+    """Lets `with` wrap the spooled stdin without closing it between passes."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    def __enter__(self) -> IO[bytes]:
+        return self._stream
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _entry(raw: bytes, number: int, seen: dict[str, int]) -> Entry:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start : exc.start + 1].hex()
+        return Entry(
+            number,
+            str(number),
+            error=f"not UTF-8: byte 0x{bad} at column {exc.start + 1}",
+            raw=raw.decode("utf-8", "replace"),
+        )
+    text = text.rstrip("\r\n")
+    custom_id = str(number)
+    try:
+        data = _load_object(text)
+        if "custom_id" in data:
+            custom_id = _custom_id(data["custom_id"])
+        request = parse_request(data)
+        if custom_id in seen:
+            raise LineError(f"duplicate custom_id {custom_id!r} (first on line {seen[custom_id]})")
+    except LineError as exc:
+        return Entry(number, custom_id, error=str(exc), raw=text)
+    seen[custom_id] = number
+    return Entry(number, custom_id, request=request, raw=text)
+
+
+def _load_object(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LineError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise LineError(f"expected a JSON object, got {_kind(data)}")
+    return data
+
+
+def _custom_id(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise LineError(f"custom_id must be a non-empty string, got {_kind(value)}")
+    if len(value) > 512:
+        raise LineError("custom_id is longer than 512 characters")
+    return value
+
+
+def parse_request(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate one line's object; return the stored request: prompt or messages, plus params."""
+    unknown = sorted(set(data) - set(LINE_KEYS))
+    if unknown:
+        raise LineError(f"unknown key {unknown[0]!r} (allowed: {', '.join(LINE_KEYS)})")
+    has_prompt, has_messages = "prompt" in data, "messages" in data
+    if has_prompt == has_messages:
+        raise LineError(
+            "needs exactly one of 'prompt' or 'messages'"
+            if not has_prompt
+            else "has both 'prompt' and 'messages'; give one"
+        )
+    request: dict[str, Any] = {}
+    if has_prompt:
+        prompt = data["prompt"]
+        if not isinstance(prompt, str):
+            raise LineError(f"prompt must be a string, got {_kind(prompt)}")
+        if not prompt.strip():
+            raise LineError("prompt is empty")
+        request["prompt"] = prompt
+    else:
+        request["messages"] = _messages(data["messages"])
+    params = parse_params(data)
+    if params:
+        request["params"] = params
+    if "metadata" in data:
+        if not isinstance(data["metadata"], dict):
+            raise LineError(f"metadata must be an object, got {_kind(data['metadata'])}")
+        request["metadata"] = data["metadata"]
+    return request
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise LineError(f"messages must be a non-empty list, got {_kind(value)}")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise LineError(f"{where} must be an object, got {_kind(message)}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise LineError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI's content parts: text only
+            content = _text_parts(content, where)
+        if not isinstance(content, str):
+            raise LineError(f"{where}.content must be a string, got {_kind(content)}")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] == "assistant":
+        raise LineError("the last message is the assistant's; nothing to answer")
+    return messages
+
+
+def _text_parts(parts: list[Any], where: str) -> str:
+    texts = []
+    for part in parts:
+        if not (
+            isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        ):
+            raise LineError(f"{where}.content: only text parts are supported")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def parse_params(data: dict[str, Any]) -> dict[str, Any]:
+    """The generation parameters present in `data`, type-checked."""
+    params: dict[str, Any] = {}
+    if "max_tokens" in data:
+        params["max_tokens"] = _int(data["max_tokens"], "max_tokens", 1, None)
+    if "temperature" in data:
+        params["temperature"] = _number(data["temperature"], "temperature", 0.0, 5.0)
+    if "top_p" in data:
+        params["top_p"] = _number(data["top_p"], "top_p", 0.0, 1.0)
+    if "seed" in data:
+        params["seed"] = _int(data["seed"], "seed", 0, MAX_SEED)
+    if "stop" in data:
+        params["stop"] = _stop(data["stop"])
+    return params
+
+
+def _int(value: Any, key: str, low: int, high: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LineError(f"{key} must be an integer, got {_kind(value)}")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise LineError(f"{key} must be {bounds}, got {value}")
+    return value
+
+
+def _number(value: Any, key: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LineError(f"{key} must be a number, got {_kind(value)}")
+    if not low <= value <= high:
+        raise LineError(f"{key} must be between {low:g} and {high:g}, got {value}")
+    return float(value)
+
+
+def _stop(value: Any) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise LineError("stop must be a non-empty string or a list of non-empty strings")
+    return stops
+
+
+def _kind(value: Any) -> str:
+    """A JSON-ish name for a value's type, for messages."""
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def format_problems(scan: Scan) -> list[str]:
+    """The lines to print for a failed validation: the first problems, then a count."""
+    lines = list(scan.problems)
+    if scan.invalid > len(scan.problems):
+        lines.append(f"... and {scan.invalid - len(scan.problems)} more invalid lines")
+    return lines
+
+
+def request_text_for_hash(request: dict[str, Any]) -> str:
+    """Canonical JSON, used in fingerprints."""
+    return json.dumps(request, sort_keys=True, separators=(",", ":"))

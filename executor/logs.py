@@ -1,0 +1,106 @@
+"""Logging: one plain (or JSON) line per event on stderr; on a terminal, around a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+# Extra fields a log call may carry (logging's `extra=`); JSON lines include them as keys.
+FIELDS = ("job", "item", "done", "total", "failed", "tokens_per_s", "eta_s", "layers", "cause")
+
+
+class PlainFormatter(logging.Formatter):
+    """`2026-11-27T10:00:00Z INFO message` — greppable, one line per event."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        text = f"{stamp} {record.levelname} {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in FIELDS:
+            if hasattr(record, key):
+                data[key] = getattr(record, key)
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+class StatusLine:
+    """The one redrawable line at the bottom of a terminal (the progress bar)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.text = ""
+
+    def show(self, text: str) -> None:
+        self.text = text
+        self.stream.write("\r\033[K" + text)
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.text:
+            self.stream.write("\r\033[K")
+            self.text = ""
+            self.stream.flush()
+
+
+class TerminalHandler(logging.StreamHandler):
+    """Prints log lines above the status line, then redraws it."""
+
+    def __init__(self, stream: TextIO, status: StatusLine) -> None:
+        super().__init__(stream)
+        self.status = status
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kept = self.status.text
+        if kept:
+            self.stream.write("\r\033[K")
+        super().emit(record)
+        if kept:
+            self.status.show(kept)
+
+
+_status_line: StatusLine | None = None
+
+
+def setup_logging(
+    log_format: str = "plain", *, verbose: bool = False, stream: TextIO | None = None
+) -> StatusLine | None:
+    """Configure the root logger; return the status line when stderr is a terminal."""
+    global _status_line
+    stream = stream or sys.stderr
+    interactive = stream.isatty() and log_format == "plain"
+    _status_line = StatusLine(stream) if interactive else None
+    handler: logging.Handler = (
+        TerminalHandler(stream, _status_line) if _status_line else logging.StreamHandler(stream)
+    )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else PlainFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("alembic", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return _status_line
+
+
+def status_line() -> StatusLine | None:
+    """The terminal's status line, if logging found a terminal."""
+    return _status_line

@@ -1,0 +1,539 @@
+"""Queue operations: the only module that writes jobs, items and results.
+
+Every statement is portable SQLAlchemy Core (SQLite and PostgreSQL); every write runs in
+`Database.write()` (BEGIN IMMEDIATE on SQLite) and is short, so a checkpoint is one commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from executor.store.db import Database
+from executor.store.schema import (
+    ItemStatus,
+    JobStatus,
+    items,
+    jobs,
+    results,
+    utcnow,
+)
+
+INSERT_CHUNK = 1000
+UNFINISHED = (ItemStatus.QUEUED, ItemStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    name: str | None
+    model: str
+    params: dict[str, Any]
+    input_path: str
+    input_sha256: str
+    fingerprint: str
+    status: JobStatus
+    item_count: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ClaimedItem:
+    id: int
+    job_id: int
+    line: int
+    custom_id: str
+    request: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """What the model process returns for one item."""
+
+    output: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_ms: float
+    prompt_ms: float | None = None
+    generation_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class NewItem:
+    line: int
+    custom_id: str
+    request: dict[str, Any]
+    status: ItemStatus = ItemStatus.QUEUED
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Counts and token totals of one job, for status and progress."""
+
+    job: Job
+    counts: dict[ItemStatus, int]
+    prompt_tokens: int
+    completion_tokens: int
+    last_result_at: datetime | None
+
+    @property
+    def finished(self) -> int:
+        return sum(n for s, n in self.counts.items() if s not in UNFINISHED)
+
+    @property
+    def remaining(self) -> int:
+        return sum(self.counts.get(s, 0) for s in UNFINISHED)
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+def find_job(db: Database, fingerprint: str) -> Job | None:
+    """The newest job with this fingerprint (submit's idempotency check)."""
+    with db.read() as conn:
+        row = conn.execute(
+            sa.select(jobs).where(jobs.c.fingerprint == fingerprint).order_by(jobs.c.id.desc())
+        ).first()
+    return _job(row) if row else None
+
+
+def create_job(
+    db: Database,
+    *,
+    name: str | None,
+    model: str,
+    params: dict[str, Any],
+    input_path: str,
+    input_sha256: str,
+    fingerprint: str,
+    new_items: Iterable[NewItem],
+) -> int:
+    """Insert a job and all its items in one transaction (all or nothing); return the job id."""
+    now = utcnow()
+    with db.write() as conn:
+        job_id = conn.execute(
+            sa.insert(jobs)
+            .values(
+                name=name,
+                model=model,
+                params=params,
+                input_path=input_path,
+                input_sha256=input_sha256,
+                fingerprint=fingerprint,
+                status=JobStatus.QUEUED,
+                item_count=0,
+                created_at=now,
+            )
+            .returning(jobs.c.id)
+        ).scalar_one()
+        count = 0
+        chunk: list[dict[str, Any]] = []
+        for item in new_items:
+            chunk.append(
+                {
+                    "job_id": job_id,
+                    "line": item.line,
+                    "custom_id": item.custom_id,
+                    "request": item.request,
+                    "status": item.status,
+                    "error": item.error,
+                    "attempts": 0,
+                    "updated_at": now,
+                }
+            )
+            if len(chunk) >= INSERT_CHUNK:
+                conn.execute(sa.insert(items), chunk)
+                count += len(chunk)
+                chunk.clear()
+        if chunk:
+            conn.execute(sa.insert(items), chunk)
+            count += len(chunk)
+        conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(item_count=count))
+        _finish_job_if_complete(conn, job_id, now)
+    return job_id
+
+
+def get_job(db: Database, job_id: int) -> Job | None:
+    with db.read() as conn:
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+    return _job(row) if row else None
+
+
+def list_jobs(db: Database, *, job_id: int | None = None, limit: int = 50) -> list[Job]:
+    query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+    if job_id is not None:
+        query = query.where(jobs.c.id == job_id)
+    with db.read() as conn:
+        return [_job(row) for row in conn.execute(query)]
+
+
+def progress(db: Database, job_list: list[Job]) -> list[JobProgress]:
+    """Item counts per status and token totals for each job."""
+    ids = [job.id for job in job_list]
+    counts: dict[int, dict[ItemStatus, int]] = {i: {} for i in ids}
+    tokens: dict[int, tuple[int, int, datetime | None]] = {}
+    with db.read() as conn:
+        for job_id, status, n in conn.execute(
+            sa.select(items.c.job_id, items.c.status, sa.func.count())
+            .where(items.c.job_id.in_(ids))
+            .group_by(items.c.job_id, items.c.status)
+        ):
+            counts[job_id][ItemStatus(status)] = n
+        for job_id, p, c, last in conn.execute(
+            sa.select(
+                items.c.job_id,
+                sa.func.coalesce(sa.func.sum(results.c.prompt_tokens), 0),
+                sa.func.coalesce(sa.func.sum(results.c.completion_tokens), 0),
+                sa.func.max(results.c.created_at),
+            )
+            .join(results, results.c.item_id == items.c.id)
+            .where(items.c.job_id.in_(ids))
+            .group_by(items.c.job_id)
+        ):
+            tokens[job_id] = (p, c, last)
+    return [JobProgress(job, counts[job.id], *tokens.get(job.id, (0, 0, None))) for job in job_list]
+
+
+def next_job(
+    db: Database, *, job_id: int | None = None, prefer_model: str | None = None
+) -> Job | None:
+    """The job to work on next: the oldest with queued items, the loaded model's jobs first."""
+    has_queued = (
+        sa.select(items.c.id)
+        .where(items.c.job_id == jobs.c.id, items.c.status == ItemStatus.QUEUED)
+        .exists()
+    )
+    query = sa.select(jobs).where(
+        jobs.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), has_queued
+    )
+    if job_id is not None:
+        query = query.where(jobs.c.id == job_id)
+    order = [jobs.c.id]
+    if prefer_model is not None:
+        # Reloading a model costs seconds to minutes: finish its jobs before switching.
+        order.insert(0, sa.case((jobs.c.model == prefer_model, 0), else_=1))
+    with db.read() as conn:
+        row = conn.execute(query.order_by(*order).limit(1)).first()
+    return _job(row) if row else None
+
+
+def cancel_job(db: Database, job_id: int) -> int:
+    """Cancel a job: its unfinished items are cancelled (a running item's result is dropped)."""
+    now = utcnow()
+    with db.write() as conn:
+        n = conn.execute(
+            sa.update(items)
+            .where(items.c.job_id == job_id, items.c.status.in_(UNFINISHED))
+            .values(status=ItemStatus.CANCELLED, lease_owner=None, lease_until=None, updated_at=now)
+        ).rowcount
+        conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(status=JobStatus.CANCELLED, finished_at=now)
+        )
+    return n
+
+
+def retry_job(db: Database, job_id: int) -> int:
+    """Put failed and cancelled items back in the queue (invalid input lines stay failed)."""
+    now = utcnow()
+    with db.write() as conn:
+        n = conn.execute(
+            sa.update(items)
+            .where(
+                items.c.job_id == job_id,
+                items.c.status.in_([ItemStatus.FAILED, ItemStatus.CANCELLED]),
+            )
+            .values(status=ItemStatus.QUEUED, attempts=0, error=None, updated_at=now)
+        ).rowcount
+        if n:
+            conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(status=JobStatus.QUEUED, error=None, finished_at=None)
+            )
+    return n
+
+
+def fail_job(db: Database, job_id: int, reason: str) -> None:
+    """The job cannot run at all (e.g. its model does not load): fail it and its open items."""
+    now = utcnow()
+    with db.write() as conn:
+        conn.execute(
+            sa.update(items)
+            .where(items.c.job_id == job_id, items.c.status.in_(UNFINISHED))
+            .values(
+                status=ItemStatus.FAILED,
+                error=reason,
+                lease_owner=None,
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+        conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(status=JobStatus.FAILED, error=reason, finished_at=now)
+        )
+
+
+# --- items: claim, heartbeat, checkpoint -------------------------------------------------------
+
+
+def claim(
+    db: Database, job_id: int, *, limit: int, owner: str, lease_seconds: float
+) -> list[ClaimedItem]:
+    """Atomically lease up to `limit` queued items of a job, in input order."""
+    now = utcnow()
+    pick = (
+        sa.select(items.c.id)
+        .where(items.c.job_id == job_id, items.c.status == ItemStatus.QUEUED)
+        .order_by(items.c.line)
+        .limit(limit)
+        .with_for_update(skip_locked=True)  # PostgreSQL; SQLite's IMMEDIATE lock serializes
+    )
+    with db.write() as conn:
+        rows = conn.execute(
+            sa.update(items)
+            .where(items.c.id.in_(pick.scalar_subquery()))
+            .values(
+                status=ItemStatus.RUNNING,
+                lease_owner=owner,
+                lease_until=now + timedelta(seconds=lease_seconds),
+                updated_at=now,
+            )
+            .returning(
+                items.c.id,
+                items.c.job_id,
+                items.c.line,
+                items.c.custom_id,
+                items.c.request,
+                items.c.attempts,
+            )
+        ).all()
+        if rows:
+            conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED)
+                .values(
+                    status=JobStatus.RUNNING, started_at=sa.func.coalesce(jobs.c.started_at, now)
+                )
+            )
+    return sorted((ClaimedItem(*row) for row in rows), key=lambda item: item.line)
+
+
+def renew_leases(db: Database, item_ids: Iterable[int], *, owner: str, lease_seconds: float) -> int:
+    """Heartbeat: extend the leases this worker still holds."""
+    ids = list(item_ids)
+    if not ids:
+        return 0
+    with db.write() as conn:
+        return conn.execute(
+            sa.update(items)
+            .where(
+                items.c.id.in_(ids),
+                items.c.lease_owner == owner,
+                items.c.status == ItemStatus.RUNNING,
+            )
+            .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        ).rowcount
+
+
+def complete(
+    db: Database, item_id: int, *, owner: str, result: ResultRecord, model_sha256: str
+) -> bool:
+    """Checkpoint one finished item; False if its lease was lost (cancelled, reclaimed)."""
+    now = utcnow()
+    with db.write() as conn:
+        job_id = _close_item(conn, item_id, owner, ItemStatus.DONE, None, now)
+        if job_id is None:
+            return False
+        conn.execute(
+            sa.insert(results).values(
+                item_id=item_id,
+                output=result.output,
+                finish_reason=result.finish_reason,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                prompt_ms=result.prompt_ms,
+                generation_ms=result.generation_ms,
+                total_ms=result.total_ms,
+                model_sha256=model_sha256,
+                worker_id=owner,
+                created_at=now,
+            )
+        )
+        _finish_job_if_complete(conn, job_id, now)
+    return True
+
+
+def fail_item(db: Database, item_id: int, *, owner: str, error: str) -> bool:
+    """Record that one item failed (its own fault, e.g. too long); the queue goes on."""
+    now = utcnow()
+    with db.write() as conn:
+        job_id = _close_item(conn, item_id, owner, ItemStatus.FAILED, error, now)
+        if job_id is None:
+            return False
+        _finish_job_if_complete(conn, job_id, now)
+    return True
+
+
+def release(
+    db: Database,
+    item_ids: Iterable[int],
+    *,
+    owner: str,
+    error: str | None = None,
+    count_attempt: bool = False,
+    max_attempts: int = 3,
+) -> list[int]:
+    """Give leased items back to the queue; return the ids that failed as poison instead.
+
+    With `count_attempt` (the model process crashed while these items were in flight) each gets
+    an attempt; an item that reaches `max_attempts` is failed so that it cannot stall the queue.
+    """
+    ids = list(item_ids)
+    if not ids:
+        return []
+    now = utcnow()
+    mine = sa.and_(
+        items.c.id.in_(ids), items.c.lease_owner == owner, items.c.status == ItemStatus.RUNNING
+    )
+    cleared = {"lease_owner": None, "lease_until": None, "updated_at": now}
+    with db.write() as conn:
+        poisoned: list[int] = []
+        if count_attempt:
+            conn.execute(sa.update(items).where(mine).values(attempts=items.c.attempts + 1))
+            poisoned = list(
+                conn.execute(
+                    sa.select(items.c.id).where(mine, items.c.attempts >= max_attempts)
+                ).scalars()
+            )
+            if poisoned:
+                conn.execute(
+                    sa.update(items)
+                    .where(items.c.id.in_(poisoned))
+                    .values(
+                        status=ItemStatus.FAILED,
+                        error=f"crashed the worker {max_attempts} times; last: {error}",
+                        **cleared,
+                    )
+                )
+        conn.execute(
+            sa.update(items).where(mine).values(status=ItemStatus.QUEUED, error=error, **cleared)
+        )
+        for job_id in {
+            r for r in conn.execute(sa.select(items.c.job_id).where(items.c.id.in_(ids))).scalars()
+        }:
+            _finish_job_if_complete(conn, job_id, now)
+    return poisoned
+
+
+def reclaim_stale(db: Database, *, everything: bool = False) -> int:
+    """Return expired leases to the queue; with `everything`, every running item.
+
+    `everything` is for a worker that holds the single-worker lock: then no other worker can be
+    alive, so every lease in the database is left over from a dead one.
+    """
+    now = utcnow()
+    stale = items.c.status == ItemStatus.RUNNING
+    if not everything:
+        stale = sa.and_(stale, items.c.lease_until < now)
+    with db.write() as conn:
+        return conn.execute(
+            sa.update(items)
+            .where(stale)
+            .values(status=ItemStatus.QUEUED, lease_owner=None, lease_until=None, updated_at=now)
+        ).rowcount
+
+
+def leases_held(db: Database, owner: str | None = None) -> int:
+    """How many items are leased (by `owner`, or by anyone)."""
+    query = sa.select(sa.func.count()).where(items.c.status == ItemStatus.RUNNING)
+    if owner is not None:
+        query = query.where(items.c.lease_owner == owner)
+    with db.read() as conn:
+        return conn.execute(query).scalar_one()
+
+
+def _close_item(
+    conn: sa.Connection,
+    item_id: int,
+    owner: str,
+    status: ItemStatus,
+    error: str | None,
+    now: datetime,
+) -> int | None:
+    """Move a leased item to a final status; the job id, or None if the lease was not ours."""
+    return conn.execute(
+        sa.update(items)
+        .where(
+            items.c.id == item_id,
+            items.c.lease_owner == owner,
+            items.c.status == ItemStatus.RUNNING,
+        )
+        .values(status=status, error=error, lease_owner=None, lease_until=None, updated_at=now)
+        .returning(items.c.job_id)
+    ).scalar()
+
+
+def _finish_job_if_complete(conn: sa.Connection, job_id: int, now: datetime) -> None:
+    open_items = (
+        sa.select(items.c.id)
+        .where(items.c.job_id == job_id, items.c.status.in_(UNFINISHED))
+        .exists()
+    )
+    conn.execute(
+        sa.update(jobs)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+            ~open_items,
+        )
+        .values(status=JobStatus.DONE, finished_at=now)
+    )
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def export_rows(db: Database, job_id: int, statuses: Iterable[ItemStatus]) -> Iterator[sa.Row[Any]]:
+    """Items of a job with their results, in input order, streamed in chunks."""
+    query = (
+        sa.select(
+            items.c.line,
+            items.c.custom_id,
+            items.c.status,
+            items.c.error,
+            items.c.request,
+            results.c.output,
+            results.c.finish_reason,
+            results.c.prompt_tokens,
+            results.c.completion_tokens,
+            results.c.prompt_ms,
+            results.c.generation_ms,
+            results.c.total_ms,
+            results.c.model_sha256,
+        )
+        .outerjoin(results, results.c.item_id == items.c.id)
+        .where(items.c.job_id == job_id, items.c.status.in_(list(statuses)))
+        .order_by(items.c.line)
+    )
+    with db.engine.connect() as conn:
+        yield from conn.execution_options(yield_per=1000).execute(query)
+
+
+def _job(row: sa.Row[Any]) -> Job:
+    data = dict(row._mapping)
+    data["status"] = JobStatus(data["status"])
+    return Job(**data)

@@ -1,0 +1,132 @@
+"""The database schema (SQLAlchemy Core); Alembic migrations in migrations/ create it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum, StrEnum
+
+import sqlalchemy as sa
+
+# A naming convention makes constraint names stable, so Alembic batch migrations on SQLite
+# (which rebuild tables) and PostgreSQL agree on them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # every item reached done, failed or invalid
+    FAILED = "failed"  # the job itself could not run (e.g. the model would not load at all)
+    CANCELLED = "cancelled"
+
+
+class ItemStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"  # claimed under a lease
+    DONE = "done"
+    FAILED = "failed"  # generation failed (prompt too long, crashed the worker N times, ...)
+    INVALID = "invalid"  # the input line itself was bad (--skip-invalid); never retried
+    CANCELLED = "cancelled"
+
+
+FINISHED_ITEM = (ItemStatus.DONE, ItemStatus.FAILED, ItemStatus.INVALID, ItemStatus.CANCELLED)
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, without tzinfo: SQLite stores naive datetimes, so we store UTC throughout."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _status(enum: type[Enum], name: str) -> sa.Enum:
+    # Stored as plain strings with a CHECK constraint: portable, and no native ENUM to migrate.
+    return sa.Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(200), nullable=True),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("input_path", sa.Text, nullable=False),
+    sa.Column("input_sha256", sa.String(64), nullable=False),
+    # sha256 over input content, model and params: the same submission finds the same job.
+    sa.Column("fingerprint", sa.String(64), nullable=False, index=True),
+    sa.Column("status", _status(JobStatus, "job_status"), nullable=False),
+    sa.Column("item_count", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=True),
+    sa.Column("finished_at", sa.DateTime, nullable=True),
+)
+
+items = sa.Table(
+    "items",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("line", sa.Integer, nullable=False),
+    sa.Column("custom_id", sa.String(512), nullable=False),
+    # {"prompt": str} or {"messages": [...]}, plus per-line overrides under "params";
+    # for an invalid line {"raw": the line as read}.
+    sa.Column("request", sa.JSON, nullable=False),
+    sa.Column("status", _status(ItemStatus, "item_status"), nullable=False),
+    # Attempts that ended with the model process crashing on this item (poison detection).
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_until", sa.DateTime, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Index("ix_items_job_line", "job_id", "line"),
+    sa.Index("ix_items_status_job", "status", "job_id", "id"),
+)
+
+results = sa.Table(
+    "results",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "item_id",
+        sa.Integer,
+        sa.ForeignKey("items.id", ondelete="CASCADE"),
+        nullable=False,
+        unique=True,  # exactly one result per item, whatever crashes happen
+    ),
+    sa.Column("output", sa.Text, nullable=False),
+    sa.Column("finish_reason", sa.String(32), nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("prompt_ms", sa.Float, nullable=True),  # prompt evaluation (llama.cpp's timer)
+    sa.Column("generation_ms", sa.Float, nullable=True),  # token generation
+    sa.Column("total_ms", sa.Float, nullable=False),  # wall time in the model process
+    sa.Column("model_sha256", sa.String(64), nullable=False),
+    sa.Column("worker_id", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+# sha256 of model files, keyed by path, size and mtime: hashing a 64 GB GGUF takes minutes.
+model_files = sa.Table(
+    "model_files",
+    metadata,
+    sa.Column("path", sa.Text, primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("mtime_ns", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("hashed_at", sa.DateTime, nullable=False),
+)

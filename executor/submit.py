@@ -1,0 +1,103 @@
+"""Submitting a prompt file: validate every line, then enqueue a job in one transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from executor.config import Settings
+from executor.errors import InputError
+from executor.inputs import PromptFile, format_problems
+from executor.models import resolve_model
+from executor.store import Database, queue
+from executor.store.queue import NewItem
+from executor.store.schema import ItemStatus
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: int
+    created: bool  # False: the same submission existed already (idempotent resubmit)
+    items: int
+    invalid: int
+
+
+def submit(
+    settings: Settings,
+    db: Database,
+    source: str,
+    *,
+    name: str | None = None,
+    force: bool = False,
+    skip_invalid: bool = False,
+) -> Submitted:
+    """Validate `source` (a path or '-') and enqueue it; nothing is written if any line is bad.
+
+    The same content with the same model and parameters returns the existing job unless
+    `force`, so cron can resubmit a file safely.
+    """
+    model = resolve_model(settings.model)
+    prompts = PromptFile(source)
+    try:
+        scan = prompts.scan()
+        if scan.invalid and not skip_invalid:
+            raise InputError(
+                f"{prompts.display}: {scan.invalid} invalid line"
+                f"{'s' if scan.invalid != 1 else ''} of {scan.valid + scan.invalid}; "
+                "nothing was queued (fix them, or pass --skip-invalid to queue the valid lines)",
+                problems=format_problems(scan),
+                total=scan.invalid,
+            )
+        if scan.valid == 0:
+            raise InputError(
+                f"{prompts.display}: no valid lines; nothing was queued",
+                problems=format_problems(scan),
+                total=scan.invalid,
+            )
+        params = settings.generation_defaults()
+        fingerprint = _fingerprint(scan.sha256, str(model), params)
+        if not force:
+            existing = queue.find_job(db, fingerprint)
+            if existing is not None:
+                return Submitted(existing.id, False, existing.item_count, 0)
+        job_id = queue.create_job(
+            db,
+            name=name or (None if source == "-" else Path(source).stem),
+            model=str(model),
+            params=params,
+            input_path=prompts.path_for_record,
+            input_sha256=scan.sha256,
+            fingerprint=fingerprint,
+            new_items=_new_items(prompts, scan.sha256),
+        )
+        return Submitted(job_id, True, scan.valid + scan.invalid, scan.invalid)
+    finally:
+        prompts.close()
+
+
+def _new_items(prompts: PromptFile, expected_sha256: str) -> Iterator[NewItem]:
+    """The second pass: every line as an item; raising here rolls the whole job back."""
+    digest = hashlib.sha256()
+    for entry in prompts.entries(digest):
+        if entry.request is not None:
+            yield NewItem(entry.line, entry.custom_id, entry.request)
+        else:
+            yield NewItem(
+                entry.line,
+                entry.custom_id,
+                {"raw": entry.raw},
+                status=ItemStatus.INVALID,
+                error=entry.error,
+            )
+    if digest.hexdigest() != expected_sha256:
+        raise InputError(f"{prompts.display} changed while it was being read; nothing was queued")
+
+
+def _fingerprint(input_sha256: str, model: str, params: dict[str, object]) -> str:
+    canonical = json.dumps(
+        {"input": input_sha256, "model": model, "params": params}, sort_keys=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()

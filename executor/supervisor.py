@@ -1,0 +1,247 @@
+"""The parent's side of the model process: start it, feed it a batch, notice when it dies."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+from executor.engine import GenerationRequest, LoadSpec
+from executor.engine.child import main as child_main
+from executor.store.queue import ResultRecord
+
+log = logging.getLogger(__name__)
+
+LOG_ROTATE_BYTES = 20 * 2**20
+TAIL_BYTES = 4000
+
+
+@dataclass(frozen=True)
+class Started:
+    item_id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    item_id: int
+    record: ResultRecord
+
+
+@dataclass(frozen=True)
+class ItemFailed:
+    item_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Died:
+    """The model process ended without being asked to: `reason` says how, with its log tail."""
+
+    reason: str
+    exitcode: int | None
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Nothing happened for a while: time for heartbeats, progress and stop checks."""
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    pass
+
+
+Event = Started | Finished | ItemFailed | Died | Tick | BatchDone
+
+
+class ModelLoadFailed(Exception):
+    """The model process could not load the model; `reason` includes the log tail."""
+
+    def __init__(self, reason: str, *, crashed: bool) -> None:
+        super().__init__(reason)
+        self.crashed = crashed
+
+
+class ModelProcess:
+    """One child process holding one loaded model."""
+
+    def __init__(self, spec: LoadSpec, log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.info: dict[str, Any] = {}
+        self._process: mp.process.BaseProcess | None = None
+        self._conn: Any = None
+        self._log_offset = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def start(self, *, abort: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        """Spawn the process and wait until the model is loaded; raise ModelLoadFailed if not."""
+        _rotate(self.log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # spawn, not fork: the parent holds SQLite connections and threads that must not be
+        # copied, and the child starts with a clean CUDA state.
+        ctx = mp.get_context("spawn")
+        parent_conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=child_main,
+            args=(child_conn, self.spec, str(self.log_path)),
+            name="executor-model",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        self._conn = parent_conn
+        started = time.monotonic()
+        while True:
+            ready = wait([self._conn, self._process.sentinel], timeout=0.5)
+            if self._conn in ready:
+                try:
+                    message = self._conn.recv()
+                except EOFError:
+                    ready = [self._process.sentinel]
+                else:
+                    if message[0] == "ready":
+                        self.info = message[1]
+                        log.info(
+                            "model loaded in %.1fs (pid %s): %s",
+                            time.monotonic() - started,
+                            self.pid,
+                            self.info,
+                        )
+                        return self.info
+                    self.kill()
+                    raise ModelLoadFailed(f"{message[1]}{self._tail_note()}", crashed=False)
+            if self._process.sentinel in ready:
+                self._process.join()
+                raise ModelLoadFailed(self._death_reason("while loading"), crashed=True)
+            if abort():
+                self.kill()
+                raise ModelLoadFailed("interrupted while loading", crashed=False)
+
+    def run(
+        self, requests: list[GenerationRequest], *, tick_seconds: float = 1.0
+    ) -> Iterator[Event]:
+        """Send a batch; yield what happens until the batch is done or the process dies."""
+        assert self._process is not None and self._conn is not None
+        try:
+            self._conn.send(("batch", requests))
+        except (BrokenPipeError, OSError):
+            yield self._died()
+            return
+        while True:
+            ready = wait([self._conn, self._process.sentinel], timeout=tick_seconds)
+            if not ready:
+                yield Tick()
+                continue
+            if self._conn in ready:
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    yield self._died()
+                    return
+                kind = message[0]
+                if kind == "start":
+                    yield Started(message[1])
+                elif kind == "result":
+                    yield Finished(message[1], message[2])
+                elif kind == "error":
+                    yield ItemFailed(message[1], message[2])
+                elif kind == "batch_done":
+                    yield BatchDone()
+                    return
+                continue
+            # The sentinel fired and no message is pending: the process is gone.
+            yield self._died()
+            return
+
+    def drop(self, item_ids: list[int]) -> None:
+        """Tell the process to skip these items of the current batch (not yet started)."""
+        if self._conn is not None and item_ids:
+            with suppress(OSError):  # already dead: the death is reported by run()
+                self._conn.send(("drop", item_ids))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the process to exit after its current item; kill it if it does not."""
+        if self._process is None:
+            return
+        with suppress(OSError):
+            self._conn.send(("stop",))
+        self._process.join(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        """End the process now (SIGKILL): the in-flight items are the caller's to release."""
+        if self._process is None:
+            return
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+        if self._conn is not None:
+            self._conn.close()
+        self._process = None
+        self._conn = None
+
+    def log_tail(self) -> str:
+        """The end of what this process wrote to the engine log."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, 2)
+                size = f.tell()
+                start = max(self._log_offset, size - TAIL_BYTES)
+                f.seek(start)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return text.strip()
+
+    def _died(self) -> Died:
+        assert self._process is not None
+        self._process.join(5)
+        exitcode = self._process.exitcode
+        reason = self._death_reason("while generating")
+        self.kill()
+        return Died(reason, exitcode)
+
+    def _death_reason(self, when: str) -> str:
+        assert self._process is not None
+        return f"model process {describe_exit(self._process.exitcode)} {when}{self._tail_note()}"
+
+    def _tail_note(self) -> str:
+        tail = self.log_tail()
+        if not tail:
+            return ""
+        lines = tail.splitlines()[-12:]
+        return "\n--- engine log tail ---\n" + "\n".join(lines)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'was killed by SIGKILL', 'exited with code 1', ..."""
+    if exitcode is None:
+        return "stopped responding"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
+
+
+def _rotate(path: Path) -> None:
+    """Keep the engine log bounded: one previous generation is kept as .1."""
+    try:
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            path.replace(path.with_suffix(path.suffix + ".1"))
+    except FileNotFoundError:
+        pass

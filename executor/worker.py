@@ -1,0 +1,355 @@
+"""The worker: claim a batch → generate in the model process → checkpoint each result.
+
+Signal handlers only count signals; the loop looks at the count between events. One signal:
+stop claiming, let the item in flight finish (up to the stop timeout), release the rest. Two:
+stop now, releasing everything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from executor.config import Settings, xdg_dir
+from executor.engine import GenerationRequest, LoadSpec
+from executor.errors import LockedError, ModelError
+from executor.models import check_gguf, model_sha256, verify_default_model
+from executor.progress import Progress
+from executor.store import Database, queue
+from executor.store.queue import ClaimedItem, Job
+from executor.store.schema import JobStatus
+from executor.supervisor import (
+    BatchDone,
+    Died,
+    Finished,
+    ItemFailed,
+    ModelLoadFailed,
+    ModelProcess,
+    Started,
+    Tick,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    until_empty: bool = False
+    job_id: int | None = None
+    max_items: int | None = None
+    stop_timeout: float = 30.0
+
+
+@dataclass
+class RunSummary:
+    done: int = 0
+    failed: int = 0
+    completion_tokens: int = 0
+    released: int = 0
+    stopped_by_signal: bool = False
+
+
+def lock_path(db: Database) -> Path:
+    """The worker lock: next to a SQLite file, else in the XDG state folder."""
+    if db.sqlite_path is not None:
+        return db.sqlite_path.with_name(db.sqlite_path.name + ".lock")
+    return xdg_dir("state") / "worker.lock"
+
+
+@contextmanager
+def worker_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock for the whole run; a second worker gets LockedError at once.
+
+    The kernel drops a flock when its holder dies, even by SIGKILL, so a stale lock file never
+    blocks the next run. The file is left in place: deleting it would race with a new holder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise LockedError(
+            f"another executor run is already working on this database ({holder})",
+            hint=f"wait for it, or stop it; the lock is {path}",
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class Worker:
+    """Drains the queue with one model process, loading each model once."""
+
+    def __init__(
+        self, settings: Settings, db: Database, options: RunOptions, progress: Progress
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.options = options
+        self.progress = progress
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.signals = 0
+        self.summary = RunSummary()
+        self.proc: ModelProcess | None = None
+        self.loaded_model: str | None = None
+        self.model_sha = ""
+        self.log_path = xdg_dir("state") / "engine.log"
+
+    # Signal handlers only count; everything else happens in the loop.
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.signals += 1
+
+    @property
+    def stopping(self) -> bool:
+        return self.signals > 0
+
+    def run(self) -> RunSummary:
+        """Work until the queue is empty (--until-empty), --max-items, or a signal."""
+        with worker_lock(lock_path(self.db)):
+            reclaimed = queue.reclaim_stale(self.db, everything=self.db.is_sqlite)
+            if reclaimed:
+                log.info("returned %d items left running by a dead worker to the queue", reclaimed)
+            try:
+                self._loop()
+            finally:
+                self.progress.end_job()
+                self._unload()
+        self.summary.stopped_by_signal = self.stopping
+        return self.summary
+
+    def _loop(self) -> None:
+        while not self.stopping and not self._reached_max():
+            job = queue.next_job(
+                self.db, job_id=self.options.job_id, prefer_model=self.loaded_model
+            )
+            if job is None:
+                if self.options.until_empty:
+                    return
+                self.progress.end_job()
+                self._sleep(self.settings.poll_seconds)
+                continue
+            if not self._ensure_model(job):
+                continue
+            limit = self.settings.batch_size
+            if self.options.max_items is not None:
+                limit = min(limit, self.options.max_items - self._finished())
+            batch = queue.claim(
+                self.db,
+                job.id,
+                limit=limit,
+                owner=self.id,
+                lease_seconds=self.settings.lease_seconds,
+            )
+            if batch:
+                self._begin_progress(job)
+                self._run_batch(job, batch)
+
+    def _run_batch(self, job: Job, batch: list[ClaimedItem]) -> None:
+        assert self.proc is not None
+        requests = [GenerationRequest.build(i.id, i.request, job.params) for i in batch]
+        pending = {item.id for item in batch}  # claimed, no outcome yet
+        in_flight: set[int] = set()  # started in the model process
+        heartbeat_every = self.settings.lease_seconds / 3
+        last_heartbeat = time.monotonic()
+        stop_deadline: float | None = None
+        for event in self.proc.run(requests):
+            if isinstance(event, Started):
+                in_flight.add(event.item_id)
+            elif isinstance(event, Finished):
+                recorded = queue.complete(
+                    self.db,
+                    event.item_id,
+                    owner=self.id,
+                    result=event.record,
+                    model_sha256=self.model_sha,
+                )
+                self._settled(event.item_id, pending, in_flight)
+                if recorded:
+                    self.summary.done += 1
+                    self.summary.completion_tokens += event.record.completion_tokens
+                    self.progress.item_finished(event.record.completion_tokens)
+                else:
+                    self._drop_lost(job, pending, in_flight)
+            elif isinstance(event, ItemFailed):
+                log.warning(
+                    "item %s failed: %s",
+                    event.item_id,
+                    event.reason,
+                    extra={"job": job.id, "item": event.item_id},
+                )
+                if queue.fail_item(self.db, event.item_id, owner=self.id, error=event.reason):
+                    self.summary.failed += 1
+                    self.progress.item_finished(0, failed=True)
+                self._settled(event.item_id, pending, in_flight)
+            elif isinstance(event, Died):
+                self._model_died(event, pending, in_flight)
+                return
+            elif isinstance(event, BatchDone):
+                break
+            elif isinstance(event, Tick):
+                self.progress.tick()
+            if self.stopping and stop_deadline is None:
+                stop_deadline = time.monotonic() + self.options.stop_timeout
+                self._release_unstarted(pending, in_flight, "stopping")
+            if self._reached_max() and stop_deadline is None:
+                self._release_unstarted(pending, in_flight, "--max-items reached")
+            if stop_deadline is not None and (self.signals > 1 or time.monotonic() > stop_deadline):
+                log.warning("stopping now: releasing %d items in flight", len(in_flight))
+                self._unload()
+                self._release(in_flight, pending)
+                return
+            if time.monotonic() - last_heartbeat > heartbeat_every:
+                queue.renew_leases(
+                    self.db, pending, owner=self.id, lease_seconds=self.settings.lease_seconds
+                )
+                last_heartbeat = time.monotonic()
+        # Whatever the model process skipped (dropped items) goes back to the queue.
+        self._release(pending, pending)
+
+    def _settled(self, item_id: int, pending: set[int], in_flight: set[int]) -> None:
+        pending.discard(item_id)
+        in_flight.discard(item_id)
+
+    def _release_unstarted(self, pending: set[int], in_flight: set[int], why: str) -> None:
+        unstarted = sorted(pending - in_flight)
+        if unstarted:
+            assert self.proc is not None
+            self.proc.drop(unstarted)
+            self._release(set(unstarted), pending)
+            log.info("%s: released %d items not yet started", why, len(unstarted))
+
+    def _release(self, ids: set[int], pending: set[int]) -> None:
+        if ids:
+            queue.release(self.db, ids, owner=self.id)
+            self.summary.released += len(ids)
+            pending.difference_update(ids)
+
+    def _drop_lost(self, job: Job, pending: set[int], in_flight: set[int]) -> None:
+        """A result could not be recorded: the job was cancelled under us; skip the rest."""
+        current = queue.get_job(self.db, job.id)
+        if current is not None and current.status == JobStatus.CANCELLED:
+            assert self.proc is not None
+            self.proc.drop(sorted(pending - in_flight))
+            pending.difference_update(pending - in_flight)
+
+    def _model_died(self, event: Died, pending: set[int], in_flight: set[int]) -> None:
+        """The model process crashed: count an attempt for the items it was working on."""
+        log.error("%s", event.reason, extra={"cause": "crash"})
+        self.proc = None
+        self.loaded_model = None
+        poisoned = queue.release(
+            self.db,
+            in_flight,
+            owner=self.id,
+            error=event.reason.splitlines()[0],
+            count_attempt=True,
+            max_attempts=self.settings.max_attempts,
+        )
+        for item_id in poisoned:
+            log.error(
+                "item %s crashed the model process %d times; failed",
+                item_id,
+                self.settings.max_attempts,
+                extra={"item": item_id},
+            )
+            self.summary.failed += 1
+            self.progress.item_finished(0, failed=True)
+        queue.release(self.db, pending - in_flight, owner=self.id)
+
+    def _ensure_model(self, job: Job) -> bool:
+        """Have the job's model loaded; on failure the job fails with the reason."""
+        if self.proc is not None and self.loaded_model == job.model:
+            return True
+        self._unload()
+        path = Path(job.model)
+        try:
+            if not path.is_file():
+                raise ModelError(f"model file {path} does not exist")
+            check_gguf(path)
+            verify_default_model(self.db, path)
+            sha = model_sha256(self.db, path)
+            spec = LoadSpec(
+                engine=self.settings.engine,
+                model_path=str(path),
+                n_ctx=self.settings.ctx,
+                n_gpu_layers=self._gpu_layers(),
+                n_threads=self.settings.threads,
+                seed=self.settings.seed,
+            )
+            log.info(
+                "loading %s (ctx %d, %s GPU layers)",
+                path.name,
+                spec.n_ctx,
+                "all" if spec.n_gpu_layers < 0 else spec.n_gpu_layers,
+            )
+            proc = ModelProcess(spec, self.log_path)
+            proc.start(abort=lambda: self.stopping)
+        except (ModelError, ModelLoadFailed) as exc:
+            if self.stopping:
+                return False
+            reason = f"model {path} did not load: {exc}"
+            log.error("%s", reason, extra={"job": job.id, "cause": "load"})
+            queue.fail_job(self.db, job.id, reason)
+            return False
+        self.proc, self.loaded_model, self.model_sha = proc, job.model, sha
+        return True
+
+    def _gpu_layers(self) -> int:
+        layers = self.settings.gpu_layers
+        return -1 if layers == "auto" else int(layers)
+
+    def _unload(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+            self.loaded_model = None
+
+    def _begin_progress(self, job: Job) -> None:
+        if self.progress.job_id == job.id:
+            return
+        (state,) = queue.progress(self.db, [job])
+        label = f"job {job.id}" + (f" ({job.name})" if job.name else "")
+        self.progress.begin_job(job.id, label, job.item_count, state.finished)
+
+    def _finished(self) -> int:
+        return self.summary.done + self.summary.failed
+
+    def _reached_max(self) -> bool:
+        return self.options.max_items is not None and self._finished() >= self.options.max_items
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < end:
+            time.sleep(min(0.2, end - time.monotonic()))
+
+
+def run_worker(
+    settings: Settings, db: Database, options: RunOptions, progress: Progress
+) -> RunSummary:
+    """Run a worker with SIGTERM/SIGINT handlers installed for its duration."""
+    worker = Worker(settings, db, options, progress)
+    previous = {s: signal.signal(s, worker.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return worker.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
