@@ -374,6 +374,40 @@ def db_revision(db: DbOpt = None, config: ConfigOpt = None) -> None:
 
 
 @app.command()
+def model(
+    path: Annotated[
+        str | None,
+        typer.Argument(help="A GGUF file; default: the configured model, else the default model."),
+    ] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Show which model jobs would use, and verify it (the default model's sha256 must match).
+
+    Exit code 4 if the model is missing, not GGUF, or the default model's hash is wrong.
+    """
+    from executor.models import DEFAULT_MODEL, check_default_hash, resolve_model, sha256_file
+
+    settings = _settings(config, model=path)
+    resolved = resolve_model(settings.model)
+    sha = sha256_file(resolved)
+    is_default = check_default_hash(resolved, sha)
+    info = {
+        "path": str(resolved),
+        "size": resolved.stat().st_size,
+        "sha256": sha,
+        "default_model": is_default,
+        "source": settings.sources["model"],
+    }
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(f"{resolved}\n  size   {info['size']:,} bytes\n  sha256 {sha}")
+    if is_default:
+        typer.echo(f"  the default model ({DEFAULT_MODEL.name}); hash verified")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

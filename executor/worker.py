@@ -8,6 +8,7 @@ stop now, releasing everything.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -64,6 +65,12 @@ def lock_path(db: Database) -> Path:
     return xdg_dir("state") / "worker.lock"
 
 
+def engine_log_path(db: Database) -> Path:
+    """Where the model process writes (llama.cpp's log included), one file per database."""
+    tag = hashlib.sha256(str(db.url).encode()).hexdigest()[:10]
+    return xdg_dir("state") / f"engine-{tag}.log"
+
+
 @contextmanager
 def worker_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive flock for the whole run; a second worker gets LockedError at once.
@@ -112,7 +119,7 @@ class Worker:
         self.proc: ModelProcess | None = None
         self.loaded_model: str | None = None
         self.model_sha = ""
-        self.log_path = xdg_dir("state") / "engine.log"
+        self.log_path = engine_log_path(db)
 
     # Signal handlers only count; everything else happens in the loop.
     def on_signal(self, signum: int, _frame: object) -> None:

@@ -1,0 +1,72 @@
+"""A non-editable install (`pip install .`) carries the migrations and upgrades a database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_wheel_ships_migrations_and_they_run(tmp_path: Path):
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = wheels.glob("executor-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "executor/migrations/env.py" in names
+    assert "executor/migrations/script.py.mako" in names
+    assert "executor/migrations/versions/0001_initial.py" in names
+
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "from executor.store import open_database\n"
+        "from executor.store.db import head_revision, migrations_dir\n"
+        "db = open_database('sqlite:///installed.db')\n"
+        "print(migrations_dir())\n"
+        "assert db.revision() == head_revision(), db.revision()\n"
+    )
+    # cwd outside the checkout and the installed copy first on the path: no source tree used.
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.stdout.strip() == str(target / "executor" / "migrations")

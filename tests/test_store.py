@@ -1,0 +1,210 @@
+"""The store: migrations match the models; claims, leases, checkpoints and job states."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from executor.store import Database, open_database, queue
+from executor.store.db import head_revision
+from executor.store.queue import NewItem, ResultRecord
+from executor.store.schema import ItemStatus, JobStatus, items, metadata, utcnow
+
+RESULT = ResultRecord(
+    output="out", finish_reason="stop", prompt_tokens=3, completion_tokens=5, total_ms=12.5
+)
+
+
+def make_job(db: Database, n: int = 3, fingerprint: str = "f" * 64) -> int:
+    return queue.create_job(
+        db,
+        name="t",
+        model="/m.gguf",
+        params={"max_tokens": 8},
+        input_path="/in.jsonl",
+        input_sha256="0" * 64,
+        fingerprint=fingerprint,
+        new_items=(NewItem(i + 1, f"c{i + 1}", {"prompt": f"p{i + 1}"}) for i in range(n)),
+    )
+
+
+def test_blank_database_upgraded_to_head_matches_the_models(tmp_path: Path):
+    db = open_database(f"sqlite:///{tmp_path / 'blank.db'}")
+    assert db.revision() == head_revision()
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+
+
+def test_sqlite_pragmas(db: Database):
+    with db.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_write_transactions_begin_immediate(db: Database, db_path: Path):
+    """While a write transaction is open, another connection cannot start writing."""
+    other = sqlite3.connect(db_path, timeout=0, isolation_level=None)
+    with db.write():
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            raise AssertionError("the write lock was not taken at BEGIN")
+        except sqlite3.OperationalError as exc:
+            assert "locked" in str(exc)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+
+
+def test_upgrade_twice_is_a_no_op(db: Database):
+    db.upgrade()
+    assert db.revision() == head_revision()
+
+
+def test_claim_leases_in_input_order_and_starts_the_job(db: Database):
+    job_id = make_job(db, 5)
+    first = queue.claim(db, job_id, limit=2, owner="w1", lease_seconds=60)
+    second = queue.claim(db, job_id, limit=10, owner="w1", lease_seconds=60)
+    assert [i.line for i in first] == [1, 2]
+    assert [i.line for i in second] == [3, 4, 5]
+    assert queue.claim(db, job_id, limit=10, owner="w1", lease_seconds=60) == []
+    job = queue.get_job(db, job_id)
+    assert job.status == JobStatus.RUNNING and job.started_at is not None
+    assert queue.leases_held(db, "w1") == 5
+
+
+def test_complete_checkpoints_once_and_finishes_the_job(db: Database):
+    job_id = make_job(db, 2)
+    a, b = queue.claim(db, job_id, limit=2, owner="w1", lease_seconds=60)
+    assert queue.complete(db, a.id, owner="w1", result=RESULT, model_sha256="s" * 64)
+    assert not queue.complete(db, a.id, owner="w1", result=RESULT, model_sha256="s" * 64)
+    assert queue.get_job(db, job_id).status == JobStatus.RUNNING
+    assert queue.fail_item(db, b.id, owner="w1", error="too long")
+    job = queue.get_job(db, job_id)
+    assert job.status == JobStatus.DONE and job.finished_at is not None
+    (state,) = queue.progress(db, [job])
+    assert state.counts == {ItemStatus.DONE: 1, ItemStatus.FAILED: 1}
+    assert (state.prompt_tokens, state.completion_tokens) == (3, 5)
+
+
+def test_a_result_needs_the_lease(db: Database):
+    job_id = make_job(db, 1)
+    (item,) = queue.claim(db, job_id, limit=1, owner="w1", lease_seconds=60)
+    assert not queue.complete(db, item.id, owner="someone-else", result=RESULT, model_sha256="s")
+
+
+def test_release_counts_attempts_and_fails_poison_items(db: Database):
+    job_id = make_job(db, 2)
+    for attempt in range(1, 4):
+        claimed = queue.claim(db, job_id, limit=2, owner="w", lease_seconds=60)
+        poisoned = queue.release(
+            db, [claimed[0].id], owner="w", error="crash", count_attempt=True, max_attempts=3
+        )
+        queue.release(db, [claimed[1].id], owner="w")
+        assert poisoned == ([claimed[0].id] if attempt == 3 else [])
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(items.c.line, items.c.status, items.c.attempts, items.c.error).order_by(
+                items.c.line
+            )
+        ).all()
+    assert rows[0][:3] == (1, ItemStatus.FAILED, 3)
+    assert rows[0][3].startswith("crashed the worker 3 times")
+    assert rows[1][:3] == (2, ItemStatus.QUEUED, 0)
+
+
+def test_expired_leases_are_reclaimed(db: Database):
+    job_id = make_job(db, 3)
+    queue.claim(db, job_id, limit=3, owner="dead", lease_seconds=60)
+    assert queue.reclaim_stale(db) == 0
+    with db.write() as conn:
+        conn.execute(sa.update(items).values(lease_until=utcnow() - timedelta(seconds=1)))
+    assert queue.reclaim_stale(db) == 3
+    assert len(queue.claim(db, job_id, limit=5, owner="w2", lease_seconds=60)) == 3
+
+
+def test_renew_extends_only_own_leases(db: Database):
+    job_id = make_job(db, 2)
+    a, b = queue.claim(db, job_id, limit=2, owner="w1", lease_seconds=1)
+    assert queue.renew_leases(db, [a.id, b.id], owner="w1", lease_seconds=600) == 2
+    assert queue.renew_leases(db, [a.id], owner="w2", lease_seconds=600) == 0
+    assert queue.reclaim_stale(db) == 0
+
+
+def test_cancel_and_retry(db: Database):
+    job_id = make_job(db, 3)
+    (a,) = queue.claim(db, job_id, limit=1, owner="w", lease_seconds=60)
+    assert queue.cancel_job(db, job_id) == 3
+    assert not queue.complete(db, a.id, owner="w", result=RESULT, model_sha256="s")
+    assert queue.next_job(db) is None
+    assert queue.retry_job(db, job_id) == 3
+    assert queue.get_job(db, job_id).status == JobStatus.QUEUED
+    assert queue.next_job(db).id == job_id
+
+
+def test_invalid_items_count_as_finished_and_are_never_retried(db: Database):
+    job_id = queue.create_job(
+        db,
+        name=None,
+        model="/m",
+        params={},
+        input_path="-",
+        input_sha256="0" * 64,
+        fingerprint="x" * 64,
+        new_items=[NewItem(1, "1", {"raw": "nope"}, ItemStatus.INVALID, "not valid JSON")],
+    )
+    assert queue.get_job(db, job_id).status == JobStatus.DONE
+    assert queue.retry_job(db, job_id) == 0
+
+
+def test_next_job_prefers_the_loaded_model(db: Database):
+    first = make_job(db, 1, fingerprint="a" * 64)
+    second = queue.create_job(
+        db,
+        name=None,
+        model="/other.gguf",
+        params={},
+        input_path="-",
+        input_sha256="0" * 64,
+        fingerprint="b" * 64,
+        new_items=[NewItem(1, "1", {"prompt": "x"})],
+    )
+    assert queue.next_job(db).id == first
+    assert queue.next_job(db, prefer_model="/other.gguf").id == second
+    assert queue.next_job(db, job_id=first, prefer_model="/other.gguf").id == first
+
+
+def test_export_rows_in_input_order(db: Database):
+    job_id = make_job(db, 3)
+    claimed = queue.claim(db, job_id, limit=3, owner="w", lease_seconds=60)
+    for item in reversed(claimed):
+        queue.complete(db, item.id, owner="w", result=RESULT, model_sha256="s")
+    rows = list(queue.export_rows(db, job_id, [ItemStatus.DONE]))
+    assert [r.custom_id for r in rows] == ["c1", "c2", "c3"]
+
+
+def test_create_job_is_all_or_nothing(db: Database):
+    def items_then_error():
+        yield NewItem(1, "1", {"prompt": "a"})
+        raise RuntimeError("file changed")
+
+    with pytest.raises(RuntimeError):
+        queue.create_job(
+            db,
+            name=None,
+            model="/m",
+            params={},
+            input_path="-",
+            input_sha256="0" * 64,
+            fingerprint="z" * 64,
+            new_items=items_then_error(),
+        )
+    assert queue.list_jobs(db) == []
+    with db.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(items)).scalar() == 0
