@@ -68,6 +68,63 @@ LogFormatOpt = Annotated[
     ),
 ]
 JobArg = Annotated[int, typer.Argument(help="Job id, as printed by submit or status.")]
+VramCapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vram-cap",
+        help="Most VRAM to use: 11.5GiB (powers of two), 12GB (powers of ten), bytes, "
+        "or 90% of the card. [env EXECUTOR_VRAM_CAP; default: free VRAM]",
+        show_default=False,
+    ),
+]
+CtxOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ctx",
+        help="Context size in tokens per sequence. [env EXECUTOR_CTX; default 4096]",
+        show_default=False,
+    ),
+]
+ParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--parallel",
+        help="Sequences decoded together; the KV cache holds ctx × parallel. "
+        "[env EXECUTOR_PARALLEL; default 1]",
+        show_default=False,
+    ),
+]
+GpuLayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-layers",
+        help="Layers on the GPU: auto (planned under the cap), all, or a number "
+        "(llama.cpp's n_gpu_layers: the output layer counts as one). [env EXECUTOR_GPU_LAYERS]",
+        show_default=False,
+    ),
+]
+CacheTypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cache-type", help="KV cache type: f16, q8_0 or q4_0. [default f16]", show_default=False
+    ),
+]
+FlashOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--flash-attn",
+        help="auto (on when layers go to a GPU), on or off. [default auto]",
+        show_default=False,
+    ),
+]
+AllowSwapOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-swap",
+        help="Go ahead even if the CPU part does not fit in RAM (very slow).",
+        show_default=False,
+    ),
+]
 
 
 def _settings(config: str | None, **flags: Any) -> Settings:
@@ -191,20 +248,13 @@ def run(
             show_default=False,
         ),
     ] = None,
-    ctx: Annotated[
-        int | None,
-        typer.Option(
-            help="Context size (tokens). [env EXECUTOR_CTX; default 4096]", show_default=False
-        ),
-    ] = None,
-    gpu_layers: Annotated[
-        str | None,
-        typer.Option(
-            help="Layers on the GPU: auto, all or a number. "
-            "[env EXECUTOR_GPU_LAYERS; default auto]",
-            show_default=False,
-        ),
-    ] = None,
+    ctx: CtxOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    vram_cap: VramCapOpt = None,
+    parallel: ParallelOpt = None,
+    cache_type: CacheTypeOpt = None,
+    flash_attn: FlashOpt = None,
+    allow_swap: AllowSwapOpt = None,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -247,6 +297,11 @@ def run(
         threads=threads,
         engine=engine,
         log_format=log_format,
+        vram_cap=vram_cap,
+        parallel=parallel,
+        cache_type=cache_type,
+        flash_attn=flash_attn,
+        allow_swap=allow_swap,
     )
     status_line = setup_logging(settings.log_format)
     database = _open(settings)
@@ -270,6 +325,91 @@ def run(
             f"run {'stopped' if summary.stopped_by_signal else 'finished'}: {summary.done} done, "
             f"{summary.failed} failed, {summary.completion_tokens} tokens in {elapsed:.1f}s"
         )
+
+
+@app.command()
+def plan(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="GGUF file; default: the configured model, else the default model."),
+    ] = None,
+    vram_cap: VramCapOpt = None,
+    ctx: CtxOpt = None,
+    parallel: ParallelOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    cache_type: CacheTypeOpt = None,
+    flash_attn: FlashOpt = None,
+    gpu_total: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu-total",
+            help="Plan for an otherwise empty card of this size that is not in "
+            "this machine (e.g. 12GiB).",
+            show_default=False,
+        ),
+    ] = None,
+    ram_total: Annotated[
+        str | None,
+        typer.Option(
+            "--ram-total",
+            help="With --gpu-total: the other machine's available RAM.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_swap: AllowSwapOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run/--no-dry-run",
+            help="Confirm the estimate with llama.cpp's own dry run (no memory is allocated).",
+        ),
+    ] = True,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show how a model will be split between GPU and CPU, before anything is loaded.
+
+    The plan puts as many layers on the GPU as fit under the cap (the smaller of --vram-cap
+    and the free VRAM minus a headroom), counting for each GPU layer its weights and KV cache,
+    plus the output layer, the compute buffer and the CUDA context. It checks that the rest
+    fits in RAM and says why more layers did not fit. Exit code 8 if the CPU part would not
+    fit in RAM (unless --allow-swap).
+    """
+    from executor.models import resolve_model
+    from executor.planning import format_plan, plan_for
+
+    settings = _settings(
+        config,
+        db=db,
+        model=model,
+        vram_cap=vram_cap,
+        ctx=ctx,
+        parallel=parallel,
+        gpu_layers=gpu_layers,
+        cache_type=cache_type,
+        flash_attn=flash_attn,
+        allow_swap=allow_swap,
+    )
+    path = resolve_model(settings.model)
+    report = plan_for(
+        settings,
+        _open(settings),
+        path,
+        gpu_total=gpu_total,
+        ram_total=ram_total,
+        use_dry_run=dry_run,
+    )
+    if as_json:
+        _print_json(report.as_dict())
+    else:
+        typer.echo(format_plan(report))
+    if not report.plan.ram_ok and not settings.allow_swap:
+        _say(
+            "executor: the CPU part does not fit in RAM: a run would swap and be extremely "
+            "slow (pass --allow-swap to run anyway)"
+        )
+        raise typer.Exit(ExitCode.WOULD_SWAP)
 
 
 @app.command()

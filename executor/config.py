@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from executor.errors import ConfigError
+from executor.units import parse_cap
 
 
 def xdg_dir(kind: str) -> Path:
@@ -84,6 +85,23 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapped
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _cap(value: Any) -> str:
+    text = str(value).strip()
+    parse_cap(text)  # validates: raises ValueError with the accepted forms
+    return text
+
+
 def _gpu_layers(value: Any) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
@@ -107,7 +125,20 @@ OPTIONS: dict[str, Option] = {
     "model": Option(_optional(_text), None, "GGUF model path; unset = the default model"),
     "engine": Option(_choice("llama", "fake"), "llama", "llama (real) or fake (tests, dry runs)"),
     "ctx": Option(_int(64), 4096, "context size in tokens per sequence"),
-    "gpu_layers": Option(_gpu_layers, "auto", "layers on the GPU: auto, all, or a number"),
+    "gpu_layers": Option(
+        _gpu_layers, "auto", "layers on the GPU: auto (planned), all, or a number"
+    ),
+    "vram_cap": Option(_optional(_cap), None, "VRAM ceiling: 11.5GiB, 12GB, bytes or 90%"),
+    "parallel": Option(_int(1), 1, "sequences per context (the KV cache holds ctx × parallel)"),
+    "flash_attn": Option(
+        _choice("auto", "on", "off"), "auto", "flash attention: auto (on with GPU offload), on, off"
+    ),
+    "cache_type": Option(_choice("f16", "q8_0", "q4_0"), "f16", "KV cache element type"),
+    "n_batch": Option(_int(32), 512, "logical batch size (tokens per decode call)"),
+    "n_ubatch": Option(_int(32), 512, "physical batch size (sizes the compute buffer)"),
+    "allow_swap": Option(_bool, False, "load even if the CPU part does not fit in RAM"),
+    "backoff_seconds": Option(_float(0.0), 2.0, "first wait before reloading after an OOM"),
+    "shrink_step": Option(_float(0.01, 1.0), 0.1, "fraction of GPU layers dropped per OOM"),
     "threads": Option(_optional(_int(1)), None, "CPU threads for llama.cpp; unset = its default"),
     "batch_size": Option(_int(1), 16, "items claimed from the queue at a time"),
     "lease_seconds": Option(_int(10), 120, "how long a claim lasts without a heartbeat"),
@@ -131,6 +162,15 @@ class Settings:
     engine: str
     ctx: int
     gpu_layers: int | str
+    vram_cap: str | None
+    parallel: int
+    flash_attn: str
+    cache_type: str
+    n_batch: int
+    n_ubatch: int
+    allow_swap: bool
+    backoff_seconds: float
+    shrink_step: float
     threads: int | None
     batch_size: int
     lease_seconds: int

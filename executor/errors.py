@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     NOT_FOUND = 5  # no such job
     JOB_FAILED = 6  # `run-job`/`run --job`: the job ended with failures it could not recover from
     DATABASE = 7  # database unreachable or at an unknown schema revision
+    WOULD_SWAP = 8  # `plan`: the CPU part does not fit in RAM (pass --allow-swap)
 
 
 class ExecutorError(Exception):

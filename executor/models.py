@@ -86,10 +86,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def cached_model_sha256(db: Database, path: Path) -> str | None:
+    """The model's sha256 if it was hashed before and the file has not changed since."""
+    stat = path.stat()
+    return cached_sha256(db, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 def model_sha256(db: Database, path: Path) -> str:
     """A model's sha256, read from the cache when the file (size, mtime) has not changed."""
     stat = path.stat()
-    key = str(path)
+    key = str(path.resolve())
     sha = cached_sha256(db, key, stat.st_size, stat.st_mtime_ns)
     if sha is None:
         if stat.st_size > 1 << 30:

@@ -13,8 +13,10 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from executor.engine import GenerationRequest, LoadSpec
+from executor.engine import DryRun, GenerationRequest, LoadSpec
+from executor.engine.child import dry_run_main
 from executor.engine.child import main as child_main
+from executor.engine.faults import Faults
 from executor.store.queue import ResultRecord
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,10 @@ class ModelLoadFailed(Exception):
 class ModelProcess:
     """One child process holding one loaded model."""
 
-    def __init__(self, spec: LoadSpec, log_path: Path) -> None:
+    def __init__(self, spec: LoadSpec, log_path: Path, faults: Faults | None = None) -> None:
         self.spec = spec
         self.log_path = log_path
+        self.faults = faults or Faults()
         self.info: dict[str, Any] = {}
         self._process: mp.process.BaseProcess | None = None
         self._conn: Any = None
@@ -95,7 +98,7 @@ class ModelProcess:
         parent_conn, child_conn = ctx.Pipe()
         self._process = ctx.Process(
             target=child_main,
-            args=(child_conn, self.spec, str(self.log_path)),
+            args=(child_conn, self.spec, str(self.log_path), self.faults),
             name="executor-model",
             daemon=True,
         )
@@ -223,6 +226,37 @@ class ModelProcess:
             return ""
         lines = tail.splitlines()[-12:]
         return "\n--- engine log tail ---\n" + "\n".join(lines)
+
+
+def dry_run(spec: LoadSpec, timeout: float = 300.0, *, allocate: bool = False) -> DryRun | str:
+    """llama.cpp's own sizes for `spec` from a no_alloc load in a throwaway process.
+
+    Returns the reason instead when it cannot run (no llama-cpp-python, a crash, a timeout):
+    the caller then keeps the pure estimate.
+    """
+    ctx = mp.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe()
+    process = ctx.Process(
+        target=dry_run_main,
+        args=(child_conn, spec, allocate),
+        daemon=True,
+        name="executor-dry-run",
+    )
+    process.start()
+    child_conn.close()
+    try:
+        if not parent_conn.poll(timeout):
+            return "the dry run did not answer in time"
+        kind, payload = parent_conn.recv()
+    except (EOFError, OSError):
+        process.join(5)
+        return f"the dry run process {describe_exit(process.exitcode)}"
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        parent_conn.close()
+    return payload if kind == "dry_run" else str(payload)
 
 
 def describe_exit(exitcode: int | None) -> str:

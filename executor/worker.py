@@ -20,23 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from executor.config import Settings, xdg_dir
-from executor.engine import GenerationRequest, LoadSpec
+from executor.engine import GenerationRequest
 from executor.errors import LockedError, ModelError
-from executor.models import check_gguf, model_sha256, verify_default_model
+from executor.loader import Loaded, ModelLoader
 from executor.progress import Progress
 from executor.store import Database, queue
 from executor.store.queue import ClaimedItem, Job
 from executor.store.schema import JobStatus
-from executor.supervisor import (
-    BatchDone,
-    Died,
-    Finished,
-    ItemFailed,
-    ModelLoadFailed,
-    ModelProcess,
-    Started,
-    Tick,
-)
+from executor.supervisor import BatchDone, Died, Finished, ItemFailed, Started, Tick
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +98,12 @@ class Worker:
     """Drains the queue with one model process, loading each model once."""
 
     def __init__(
-        self, settings: Settings, db: Database, options: RunOptions, progress: Progress
+        self,
+        settings: Settings,
+        db: Database,
+        options: RunOptions,
+        progress: Progress,
+        loader: ModelLoader | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -116,10 +112,10 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.signals = 0
         self.summary = RunSummary()
-        self.proc: ModelProcess | None = None
-        self.loaded_model: str | None = None
-        self.model_sha = ""
-        self.log_path = engine_log_path(db)
+        self.loader = loader or ModelLoader(
+            settings, db, self.id, engine_log_path(db), stopping=lambda: self.stopping
+        )
+        self.loaded: Loaded | None = None
 
     # Signal handlers only count; everything else happens in the loop.
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -146,7 +142,9 @@ class Worker:
     def _loop(self) -> None:
         while not self.stopping and not self._reached_max():
             job = queue.next_job(
-                self.db, job_id=self.options.job_id, prefer_model=self.loaded_model
+                self.db,
+                job_id=self.options.job_id,
+                prefer_model=self.loaded.model_path if self.loaded else None,
             )
             if job is None:
                 if self.options.until_empty:
@@ -171,14 +169,17 @@ class Worker:
                 self._run_batch(job, batch)
 
     def _run_batch(self, job: Job, batch: list[ClaimedItem]) -> None:
-        assert self.proc is not None
-        requests = [GenerationRequest.build(i.id, i.request, job.params) for i in batch]
+        assert self.loaded is not None
+        loaded = self.loaded
+        requests = [
+            GenerationRequest.build(i.id, i.custom_id, i.request, job.params) for i in batch
+        ]
         pending = {item.id for item in batch}  # claimed, no outcome yet
         in_flight: set[int] = set()  # started in the model process
         heartbeat_every = self.settings.lease_seconds / 3
         last_heartbeat = time.monotonic()
         stop_deadline: float | None = None
-        for event in self.proc.run(requests):
+        for event in loaded.proc.run(requests):
             if isinstance(event, Started):
                 in_flight.add(event.item_id)
             elif isinstance(event, Finished):
@@ -187,7 +188,8 @@ class Worker:
                     event.item_id,
                     owner=self.id,
                     result=event.record,
-                    model_sha256=self.model_sha,
+                    model_sha256=loaded.sha256,
+                    load_id=loaded.load_id,
                 )
                 self._settled(event.item_id, pending, in_flight)
                 if recorded:
@@ -221,7 +223,7 @@ class Worker:
                 self._release_unstarted(pending, in_flight, "--max-items reached")
             if stop_deadline is not None and (self.signals > 1 or time.monotonic() > stop_deadline):
                 log.warning("stopping now: releasing %d items in flight", len(in_flight))
-                self._unload()
+                self._kill()
                 self._release(in_flight, pending)
                 return
             if time.monotonic() - last_heartbeat > heartbeat_every:
@@ -239,8 +241,8 @@ class Worker:
     def _release_unstarted(self, pending: set[int], in_flight: set[int], why: str) -> None:
         unstarted = sorted(pending - in_flight)
         if unstarted:
-            assert self.proc is not None
-            self.proc.drop(unstarted)
+            assert self.loaded is not None
+            self.loaded.proc.drop(unstarted)
             self._release(set(unstarted), pending)
             log.info("%s: released %d items not yet started", why, len(unstarted))
 
@@ -254,15 +256,16 @@ class Worker:
         """A result could not be recorded: the job was cancelled under us; skip the rest."""
         current = queue.get_job(self.db, job.id)
         if current is not None and current.status == JobStatus.CANCELLED:
-            assert self.proc is not None
-            self.proc.drop(sorted(pending - in_flight))
+            assert self.loaded is not None
+            self.loaded.proc.drop(sorted(pending - in_flight))
             pending.difference_update(pending - in_flight)
 
     def _model_died(self, event: Died, pending: set[int], in_flight: set[int]) -> None:
         """The model process crashed: count an attempt for the items it was working on."""
         log.error("%s", event.reason, extra={"cause": "crash"})
-        self.proc = None
-        self.loaded_model = None
+        assert self.loaded is not None
+        self.loader.crashed(self.loaded, event)
+        self.loaded = None
         poisoned = queue.release(
             self.db,
             in_flight,
@@ -283,52 +286,34 @@ class Worker:
         queue.release(self.db, pending - in_flight, owner=self.id)
 
     def _ensure_model(self, job: Job) -> bool:
-        """Have the job's model loaded; on failure the job fails with the reason."""
-        if self.proc is not None and self.loaded_model == job.model:
+        """Have the job's model loaded; if it cannot load at all, the job fails with why."""
+        if self.loaded is not None and self.loaded.model_path == job.model:
             return True
         self._unload()
-        path = Path(job.model)
         try:
-            if not path.is_file():
-                raise ModelError(f"model file {path} does not exist")
-            check_gguf(path)
-            verify_default_model(self.db, path)
-            sha = model_sha256(self.db, path)
-            spec = LoadSpec(
-                engine=self.settings.engine,
-                model_path=str(path),
-                n_ctx=self.settings.ctx,
-                n_gpu_layers=self._gpu_layers(),
-                n_threads=self.settings.threads,
-                seed=self.settings.seed,
-            )
-            log.info(
-                "loading %s (ctx %d, %s GPU layers)",
-                path.name,
-                spec.n_ctx,
-                "all" if spec.n_gpu_layers < 0 else spec.n_gpu_layers,
-            )
-            proc = ModelProcess(spec, self.log_path)
-            proc.start(abort=lambda: self.stopping)
-        except (ModelError, ModelLoadFailed) as exc:
+            self.loaded = self.loader.load(job.model)
+        except ModelError as exc:
             if self.stopping:
                 return False
-            reason = f"model {path} did not load: {exc}"
-            log.error("%s", reason, extra={"job": job.id, "cause": "load"})
+            reason = str(exc) + (f" ({exc.hint})" if exc.hint else "")
+            log.error("job %s: %s", job.id, reason, extra={"job": job.id, "cause": "load"})
             queue.fail_job(self.db, job.id, reason)
             return False
-        self.proc, self.loaded_model, self.model_sha = proc, job.model, sha
         return True
 
-    def _gpu_layers(self) -> int:
-        layers = self.settings.gpu_layers
-        return -1 if layers == "auto" else int(layers)
-
     def _unload(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-            self.loaded_model = None
+        """Stop the model process after its current item (normal end, or a model switch)."""
+        if self.loaded is not None:
+            self.loaded.proc.stop()
+            self.loader.closed(self.loaded)
+            self.loaded = None
+
+    def _kill(self) -> None:
+        """End the model process now (a second signal, or the stop timeout ran out)."""
+        if self.loaded is not None:
+            self.loaded.proc.kill()
+            self.loader.closed(self.loaded)
+            self.loaded = None
 
     def _begin_progress(self, job: Job) -> None:
         if self.progress.job_id == job.id:

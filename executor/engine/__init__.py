@@ -7,9 +7,12 @@ deterministically for tests. Both run inside the child process (`executor.engine
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from executor.store.queue import ResultRecord
+
+if TYPE_CHECKING:
+    from executor.engine.faults import Faults
 
 
 class ItemError(Exception):
@@ -26,10 +29,17 @@ class LoadSpec:
 
     engine: str  # "llama" or "fake"
     model_path: str
-    n_ctx: int
+    n_ctx: int  # tokens per sequence
     n_gpu_layers: int
     n_threads: int | None = None
     seed: int = 0
+    parallel: int = 1
+    n_batch: int = 512
+    n_ubatch: int = 512
+    flash_attn: bool = False
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    op_offload: bool = True
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class GenerationRequest:
     """One item to generate, with its effective parameters (job defaults + line overrides)."""
 
     item_id: int
+    custom_id: str
     max_tokens: int
     temperature: float
     top_p: float
@@ -45,14 +56,22 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     stop: list[str] = field(default_factory=list)
 
+    @property
+    def text(self) -> str:
+        """The prompt, or the messages' contents joined (for logs and fault injection)."""
+        if self.prompt is not None:
+            return self.prompt
+        return "\n".join(m["content"] for m in self.messages or [])
+
     @classmethod
     def build(
-        cls, item_id: int, request: dict[str, Any], defaults: dict[str, Any]
+        cls, item_id: int, custom_id: str, request: dict[str, Any], defaults: dict[str, Any]
     ) -> GenerationRequest:
         """Merge a stored item request with its job's generation defaults."""
         params = {**defaults, **request.get("params", {})}
         return cls(
             item_id=item_id,
+            custom_id=custom_id,
             prompt=request.get("prompt"),
             messages=request.get("messages"),
             max_tokens=int(params["max_tokens"]),
@@ -61,6 +80,21 @@ class GenerationRequest:
             seed=int(params["seed"]),
             stop=list(params.get("stop") or []),
         )
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What llama.cpp says it would allocate (a load with no_alloc: nothing is allocated)."""
+
+    compute: dict[str, int]  # compute buffer per buffer type: "CPU", "CUDA0", ...
+    kv_bytes: int  # the whole KV cache
+    kv_cells: int  # cells per stream
+    output_bytes: int  # the host output (logits) buffer
+    layer_devices: dict[int, str]  # layer → device
+    gpu_offload_supported: bool
+    n_ctx: int
+    n_ctx_seq: int
+    flash_attn: str
 
 
 class Engine(Protocol):
@@ -77,12 +111,15 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def create_engine(spec: LoadSpec) -> Engine:
+def create_engine(spec: LoadSpec, faults: Faults | None = None) -> Engine:
     """Load the engine named by the spec (inside the model process)."""
+    from executor.engine.faults import Faults
+
+    faults = faults or Faults()
     if spec.engine == "fake":
         from executor.engine.fake import FakeEngine
 
-        return FakeEngine(spec)
+        return FakeEngine(spec, faults)
     from executor.engine.llama import LlamaEngine
 
-    return LlamaEngine(spec)
+    return LlamaEngine(spec, faults)

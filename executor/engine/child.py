@@ -19,11 +19,12 @@ from collections import deque
 from multiprocessing.connection import Connection
 
 from executor.engine import GenerationRequest, ItemError, LoadError, LoadSpec, create_engine
+from executor.engine.faults import Faults
 
 PR_SET_PDEATHSIG = 1
 
 
-def main(conn: Connection, spec: LoadSpec, log_path: str) -> None:
+def main(conn: Connection, spec: LoadSpec, log_path: str, faults: Faults | None = None) -> None:
     """Entry point of the spawned model process."""
     _redirect_output(log_path)
     # Signals are the parent's business: Ctrl-C on a terminal and systemd's SIGTERM reach the
@@ -33,7 +34,7 @@ def main(conn: Connection, spec: LoadSpec, log_path: str) -> None:
     _die_with_parent()
     print(f"executor model process {os.getpid()}: loading {spec}", file=sys.stderr, flush=True)
     try:
-        engine = create_engine(spec)
+        engine = create_engine(spec, faults)
     except LoadError as exc:
         conn.send(("load_failed", str(exc)))
         return
@@ -76,6 +77,18 @@ def _serve(conn: Connection, engine) -> None:
             else:
                 conn.send(("result", request.item_id, record))
         conn.send(("batch_done",))
+
+
+def dry_run_main(conn: Connection, spec: LoadSpec, allocate: bool = False) -> None:
+    """Entry point of a short-lived process that asks llama.cpp for a dry run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    try:
+        from executor.engine.llama import dry_run
+
+        conn.send(("dry_run", dry_run(spec, allocate=allocate)))
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def _redirect_output(log_path: str) -> None:

@@ -350,7 +350,13 @@ def renew_leases(db: Database, item_ids: Iterable[int], *, owner: str, lease_sec
 
 
 def complete(
-    db: Database, item_id: int, *, owner: str, result: ResultRecord, model_sha256: str
+    db: Database,
+    item_id: int,
+    *,
+    owner: str,
+    result: ResultRecord,
+    model_sha256: str,
+    load_id: int | None = None,
 ) -> bool:
     """Checkpoint one finished item; False if its lease was lost (cancelled, reclaimed)."""
     now = utcnow()
@@ -370,6 +376,7 @@ def complete(
                 total_ms=result.total_ms,
                 model_sha256=model_sha256,
                 worker_id=owner,
+                load_id=load_id,
                 created_at=now,
             )
         )

@@ -117,6 +117,8 @@ results = sa.Table(
     sa.Column("total_ms", sa.Float, nullable=False),  # wall time in the model process
     sa.Column("model_sha256", sa.String(64), nullable=False),
     sa.Column("worker_id", sa.String(200), nullable=True),
+    # The model load (plan, layers, measured VRAM) this result ran under.
+    sa.Column("load_id", sa.Integer, sa.ForeignKey("loads.id", ondelete="SET NULL"), nullable=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
 )
 
@@ -129,4 +131,52 @@ model_files = sa.Table(
     sa.Column("mtime_ns", sa.BigInteger, nullable=False),
     sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("hashed_at", sa.DateTime, nullable=False),
+)
+
+
+class LoadOutcome(StrEnum):
+    LOADING = "loading"
+    LOADED = "loaded"  # up and serving (ended_at set when it was stopped normally)
+    OOM = "oom"  # out of memory, at load or during decode
+    OVER_CAP = "over_cap"  # loaded, but NVML measured more VRAM than the cap
+    CRASHED = "crashed"  # the model process died for another reason
+    FAILED = "failed"  # could not load for a reason shrinking does not help
+
+
+# One row per attempt to load a model: the plan, the layers, what NVML measured, the outcome.
+loads = sa.Table(
+    "loads",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("worker_id", sa.String(200), nullable=False),
+    sa.Column("model_path", sa.Text, nullable=False),
+    sa.Column("model_sha256", sa.String(64), nullable=False),
+    sa.Column("gpu_uuid", sa.String(100), nullable=False),  # "cpu" without a GPU
+    sa.Column("gpu_name", sa.String(200), nullable=True),
+    sa.Column("cap_setting", sa.String(32), nullable=False),  # as the user wrote it, "" if none
+    sa.Column("vram_cap", sa.BigInteger, nullable=True),  # the cap that applied, in bytes
+    sa.Column("n_ctx", sa.Integer, nullable=False),
+    sa.Column("parallel", sa.Integer, nullable=False),
+    sa.Column("n_gpu_layers", sa.Integer, nullable=False),
+    sa.Column("predicted_vram", sa.BigInteger, nullable=True),
+    sa.Column("measured_vram", sa.BigInteger, nullable=True),
+    sa.Column("plan", sa.JSON, nullable=True),
+    sa.Column("outcome", _status(LoadOutcome, "load_outcome"), nullable=False),
+    sa.Column("cause", sa.Text, nullable=True),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("ended_at", sa.DateTime, nullable=True),
+    sa.Index("ix_loads_config", "model_sha256", "gpu_uuid", "cap_setting", "n_ctx", "parallel"),
+)
+
+# The layer count that last loaded and served on a configuration; the next plan starts there.
+known_configs = sa.Table(
+    "known_configs",
+    metadata,
+    sa.Column("model_sha256", sa.String(64), primary_key=True),
+    sa.Column("gpu_uuid", sa.String(100), primary_key=True),
+    sa.Column("cap_setting", sa.String(32), primary_key=True),
+    sa.Column("n_ctx", sa.Integer, primary_key=True),
+    sa.Column("parallel", sa.Integer, primary_key=True),
+    sa.Column("n_gpu_layers", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
 )

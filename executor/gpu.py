@@ -1,0 +1,194 @@
+"""What the GPUs have: NVML (nvidia-ml-py's `pynvml`) behind a small interface.
+
+`probe()` never raises: no driver, no library or no device is an answer (CPU-only), not an
+error. Tests pass a fake NVML object; EXECUTOR_FAKE_NVML (JSON) does the same for the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from executor.plan import Device
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    total: int
+    free: int
+    used: int
+
+    def as_device(self) -> Device:
+        return Device(name=self.name, uuid=self.uuid, total=self.total, free=self.free)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The GPUs found, or why there are none."""
+
+    gpus: list[GpuInfo] = field(default_factory=list)
+    driver: str | None = None
+    problem: str | None = None  # "no NVIDIA driver", ... when gpus is empty
+
+    @property
+    def first(self) -> GpuInfo | None:
+        return self.gpus[0] if self.gpus else None
+
+
+def load_nvml() -> Any:
+    """The NVML module to use: a fake from EXECUTOR_FAKE_NVML (tests), else pynvml."""
+    fake = os.environ.get("EXECUTOR_FAKE_NVML")
+    if fake:
+        return FakeNvml.from_json(fake)
+    import pynvml
+
+    return pynvml
+
+
+def probe(nvml: Any | None = None) -> Probe:
+    """List NVIDIA GPUs with their memory; a reason instead when there are none."""
+    try:
+        nvml = nvml or load_nvml()
+    except ImportError:
+        return Probe(problem="nvidia-ml-py is not installed")
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+        return Probe(problem=f"no NVIDIA driver or GPU ({_nvml_reason(exc)})")
+    try:
+        driver = _text(nvml.nvmlSystemGetDriverVersion())
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            gpus.append(
+                GpuInfo(
+                    index=index,
+                    name=_text(nvml.nvmlDeviceGetName(handle)),
+                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                    total=int(memory.total),
+                    free=int(memory.free),
+                    used=int(memory.used),
+                )
+            )
+        if not gpus:
+            return Probe(driver=driver, problem="the NVIDIA driver reports no GPU")
+        return Probe(gpus=gpus, driver=driver)
+    except Exception as exc:
+        return Probe(problem=f"NVML failed: {_nvml_reason(exc)}")
+    finally:
+        with suppress(Exception):
+            nvml.nvmlShutdown()
+
+
+def process_vram(pid: int, uuid: str, nvml: Any | None = None) -> int | None:
+    """Bytes of VRAM process `pid` holds on GPU `uuid`, per NVML (None if NVML cannot say)."""
+    try:
+        nvml = nvml or load_nvml()
+        nvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handle = nvml.nvmlDeviceGetHandleByUUID(uuid.encode() if isinstance(uuid, str) else uuid)
+        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid:
+                used = proc.usedGpuMemory
+                return None if used is None else int(used)
+        return 0
+    except Exception:
+        return None
+    finally:
+        with suppress(Exception):
+            nvml.nvmlShutdown()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _nvml_reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+# --- a fake NVML with the same calls, for tests -------------------------------------------------
+
+
+@dataclass
+class _Memory:
+    total: int
+    free: int
+    used: int
+
+
+@dataclass
+class _Process:
+    pid: int
+    usedGpuMemory: int | None
+
+
+class FakeNvmlError(Exception):
+    pass
+
+
+class FakeNvml:
+    """Answers like pynvml from a list of devices: {"name", "uuid", "total", "free",
+    "processes": {pid: bytes}}; `fail` makes nvmlInit raise (no driver)."""
+
+    NVMLError = FakeNvmlError
+
+    def __init__(
+        self, devices: list[dict[str, Any]], fail: str | None = None, driver: str = "550.00"
+    ) -> None:
+        self.devices = devices
+        self.fail = fail
+        self.driver = driver
+
+    @classmethod
+    def from_json(cls, text: str) -> FakeNvml:
+        data = json.loads(text)
+        if isinstance(data, list):
+            data = {"devices": data}
+        return cls(data.get("devices", []), data.get("fail"))
+
+    def nvmlInit(self) -> None:
+        if self.fail:
+            raise FakeNvmlError(self.fail)
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return self.driver
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.devices)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> dict[str, Any]:
+        return self.devices[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: bytes) -> dict[str, Any]:
+        wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for device in self.devices:
+            if device.get("uuid", f"GPU-fake-{self.devices.index(device)}") == wanted:
+                return device
+        raise FakeNvmlError(f"no device {wanted}")
+
+    def nvmlDeviceGetName(self, handle: dict[str, Any]) -> str:
+        return handle.get("name", "Fake GPU")
+
+    def nvmlDeviceGetUUID(self, handle: dict[str, Any]) -> str:
+        return handle.get("uuid", f"GPU-fake-{self.devices.index(handle)}")
+
+    def nvmlDeviceGetMemoryInfo(self, handle: dict[str, Any]) -> _Memory:
+        total = int(handle["total"])
+        free = int(handle.get("free", total))
+        return _Memory(total=total, free=free, used=total - free)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: dict[str, Any]) -> list[_Process]:
+        return [_Process(int(pid), int(used)) for pid, used in handle.get("processes", {}).items()]
