@@ -102,6 +102,12 @@ def _cap(value: Any) -> str:
     return text
 
 
+def _parallel(value: Any) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _int(1)(value)
+
+
 def _gpu_layers(value: Any) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
@@ -129,7 +135,9 @@ OPTIONS: dict[str, Option] = {
         _gpu_layers, "auto", "layers on the GPU: auto (planned), all, or a number"
     ),
     "vram_cap": Option(_optional(_cap), None, "VRAM ceiling: 11.5GiB, 12GB, bytes or 90%"),
-    "parallel": Option(_int(1), 1, "sequences per context (the KV cache holds ctx × parallel)"),
+    "parallel": Option(
+        _parallel, "auto", "sequences decoded together: auto (from the plan) or a number"
+    ),
     "flash_attn": Option(
         _choice("auto", "on", "off"), "auto", "flash attention: auto (on with GPU offload), on, off"
     ),
@@ -139,8 +147,13 @@ OPTIONS: dict[str, Option] = {
     "allow_swap": Option(_bool, False, "load even if the CPU part does not fit in RAM"),
     "backoff_seconds": Option(_float(0.0), 2.0, "first wait before reloading after an OOM"),
     "shrink_step": Option(_float(0.01, 1.0), 0.1, "fraction of GPU layers dropped per OOM"),
+    "shrink_parallel_first": Option(
+        _bool, False, "on OOM, halve the parallel sequences before the layers"
+    ),
     "threads": Option(_optional(_int(1)), None, "CPU threads for llama.cpp; unset = its default"),
-    "batch_size": Option(_int(1), 16, "items claimed from the queue at a time"),
+    "batch_size": Option(
+        _optional(_int(1)), None, "items claimed at a time; unset = 4 × parallel, at least 16"
+    ),
     "lease_seconds": Option(_int(10), 120, "how long a claim lasts without a heartbeat"),
     "poll_seconds": Option(_float(0.05), 5.0, "wait between looks at an empty queue"),
     "max_attempts": Option(_int(1), 3, "crashes of the model process an item may cause"),
@@ -163,7 +176,7 @@ class Settings:
     ctx: int
     gpu_layers: int | str
     vram_cap: str | None
-    parallel: int
+    parallel: int | str
     flash_attn: str
     cache_type: str
     n_batch: int
@@ -171,8 +184,9 @@ class Settings:
     allow_swap: bool
     backoff_seconds: float
     shrink_step: float
+    shrink_parallel_first: bool
     threads: int | None
-    batch_size: int
+    batch_size: int | None
     lease_seconds: int
     poll_seconds: float
     max_attempts: int

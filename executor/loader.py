@@ -193,8 +193,8 @@ class ModelLoader:
             load_store.update_load(self.db, load_id, outcome=outcome, cause=reason, ended=True)
             if self.stopping():
                 raise ModelError("stopping: the model was not loaded") from None
-            if (oom or exc.crashed) and (layers > 0 or parallel > 1):
-                self._shrink(state, report, f"{'out of memory' if oom else 'crashed'} at load")
+            why = f"{'out of memory' if oom else 'crashed'} at load"
+            if (oom or exc.crashed) and self._shrink(state, report, why):
                 raise _Retry(reason) from None
             raise ModelError(f"model {path} did not load: {reason}") from None
         if device is not None and layers != 0 and proc.pid is not None:
@@ -216,7 +216,8 @@ class ModelLoader:
                     load_store.update_load(
                         self.db, load_id, outcome=LoadOutcome.OVER_CAP, cause=cause, ended=True
                     )
-                    self._shrink(state, report, cause, over=measured - plan.cap)
+                    if not self._shrink(state, report, cause, over=measured - plan.cap):
+                        raise ModelError(f"model {path}: {cause}, even with no GPU layer")
                     raise _Retry(cause)
         load_store.update_load(self.db, load_id, outcome=LoadOutcome.LOADED)
         load_store.remember_layers(self.db, key, layers)
@@ -246,9 +247,16 @@ class ModelLoader:
         """The model process was stopped normally."""
         load_store.update_load(self.db, loaded.load_id, ended=True)
 
-    def _shrink(self, state: dict[str, int], report: PlanReport, why: str, over: int = 0) -> None:
-        """Fewer parallel sequences first (a smaller KV cache), then fewer layers."""
-        if state["parallel"] > 1 and not over:
+    def _shrink(self, state: dict[str, int], report: PlanReport, why: str, over: int = 0) -> bool:
+        """Fewer GPU layers (by a step, or by the measured overshoot); fewer parallel sequences
+        first if configured, or last when no layer is left. False: nothing left to shrink."""
+        layers = report.plan.max_layers if state["layers"] < 0 else state["layers"]
+        halve = (
+            state["parallel"] > 1
+            and not over
+            and (self.settings.shrink_parallel_first or layers == 0)
+        )
+        if halve:
             state["parallel"] //= 2
             log.warning(
                 "%s at parallel %d: next try at parallel %d",
@@ -257,24 +265,23 @@ class ModelLoader:
                 state["parallel"],
                 extra={"cause": why},
             )
-            return
-        layers = state["layers"]
-        if layers < 0:
-            layers = report.plan.max_layers
+            return True
+        if layers == 0:
+            return False
         step = max(1, math.ceil(layers * self.settings.shrink_step))
         if over:
             per_layer = max(sum(report.model.layer_bytes) // max(report.model.n_layer, 1), 1)
             step = max(step, math.ceil(over / per_layer) + 1)
-        new = max(layers - step, 0)
-        state["layers"] = new
-        self.ceilings[report.key] = new
+        state["layers"] = max(layers - step, 0)
+        self.ceilings[report.key] = state["layers"]
         log.warning(
             "%s with %d GPU layers: next try with %d",
             why,
             layers,
-            new,
-            extra={"layers": new, "cause": why},
+            state["layers"],
+            extra={"layers": state["layers"], "cause": why},
         )
+        return True
 
     def _predicted(self, report: PlanReport, layers: int) -> tuple[int, int]:
         """(prediction with the learned correction, the pure estimate) for `layers`.

@@ -60,7 +60,7 @@ def load_spec(
     n_gpu_layers: int,
     *,
     flash_attn: bool,
-    parallel: int | None = None,
+    parallel: int,
 ) -> LoadSpec:
     """The model process's load parameters from the settings."""
     return LoadSpec(
@@ -70,7 +70,7 @@ def load_spec(
         n_gpu_layers=n_gpu_layers,
         n_threads=settings.threads,
         seed=settings.seed,
-        parallel=parallel or settings.parallel,
+        parallel=parallel,
         n_batch=settings.n_batch,
         n_ubatch=settings.n_ubatch,
         flash_attn=flash_attn,
@@ -94,14 +94,15 @@ def plan_for(
     nvml: Any | None = None,
     gpu_total: str | None = None,
     ram_total: str | None = None,
-    use_dry_run: bool = True,
+    use_dry_run: bool | None = None,
     parallel: int | None = None,
     sha256: str | None = None,
 ) -> PlanReport:
     """Plan a load of `model_path` on this machine's first GPU (or a card of `gpu_total`).
 
     With `gpu_total` the plan is for another machine: its RAM is `ram_total` if given, and
-    this machine's RAM is not checked.
+    this machine's RAM is not checked. `use_dry_run`: ask llama.cpp to confirm the sizes
+    (None: only when a GPU is there, where the compute buffer matters most).
     """
     path = Path(model_path)
     info = read_model_info(path)
@@ -124,6 +125,10 @@ def plan_for(
         parse_cap(settings.vram_cap).resolve(device.total) if settings.vram_cap and device else None
     )
     parallel = parallel or settings.parallel
+    if parallel == "auto":
+        parallel = choose_parallel(
+            info, device, _request(settings, device, 1, cap, gpu_total, ram_total)
+        )
     # Hashing a 64 GB file takes minutes: plan from the cached hash; the worker hashes.
     sha256 = sha256 or cached_model_sha256(db, path) or ""
     key = ConfigKey(
@@ -135,8 +140,32 @@ def plan_for(
     )
     remembered = device is not None and bool(sha256)
     known = load_store.known_layers(db, key) if remembered else None
-    fixed = None if settings.gpu_layers == "auto" else int(settings.gpu_layers)
-    request = PlanRequest(
+    request = replace(
+        _request(settings, device, parallel, cap, gpu_total, ram_total),
+        correction=load_store.measured_excess(db, key) if remembered else 0,
+        known_layers=known,
+    )
+    plan = make_plan(info, device, request)
+    report = PlanReport(
+        info, plan, key, probe, known, estimated_gpu_compute=plan.gpu.compute_buffer
+    )
+    if gpu_total:
+        report.dry_run_note = "no dry run: the card is not in this machine (--gpu-total)"
+    elif settings.engine == "llama" and (use_dry_run or (use_dry_run is None and device)):
+        _confirm_with_dry_run(settings, report, info, device, request)
+    return report
+
+
+def _request(
+    settings: Settings,
+    device: Device | None,
+    parallel: int,
+    cap: int | None,
+    gpu_total: str | None,
+    ram_total: str | None,
+) -> PlanRequest:
+    """The plan request the settings describe, before memory of past loads is added."""
+    return PlanRequest(
         n_ctx=settings.ctx,
         parallel=parallel,
         cache_type_k=settings.cache_type,
@@ -145,20 +174,31 @@ def plan_for(
         n_ubatch=settings.n_ubatch,
         flash_attn=flash_attn_for(settings, device),
         vram_cap=cap,
-        gpu_layers=fixed,
-        correction=load_store.measured_excess(db, key) if remembered else 0,
-        known_layers=known,
+        gpu_layers=None if settings.gpu_layers == "auto" else int(settings.gpu_layers),
         ram_available=_ram(gpu_total, ram_total),
     )
-    plan = make_plan(info, device, request)
-    report = PlanReport(
-        info, plan, key, probe, known, estimated_gpu_compute=plan.gpu.compute_buffer
-    )
-    if gpu_total:
-        report.dry_run_note = "no dry run: the card is not in this machine (--gpu-total)"
-    elif use_dry_run and settings.engine == "llama":
-        _confirm_with_dry_run(settings, report, info, device, request)
-    return report
+
+
+# Measured on 2 CPU cores with the default model (benchmarks/throughput.py): completion
+# tokens/s 61, 91, 114 and 125 at parallel 1, 2, 4 and 8. Past 8 the gain flattens while each
+# sequence adds a whole context of KV cache.
+CPU_PARALLEL = 8
+GPU_PARALLEL_CHOICES = (16, 8, 4, 2)
+
+
+def choose_parallel(info: ModelInfo, device: Device | None, single: PlanRequest) -> int:
+    """`--parallel auto`: on the CPU a fixed 8; on a GPU the most sequences whose KV cache
+    fits under the cap without moving a single layer off the GPU."""
+    if device is None:
+        return CPU_PARALLEL
+    layers = make_plan(info, device, single).n_gpu_layers
+    if layers == 0:
+        return CPU_PARALLEL
+    for parallel in GPU_PARALLEL_CHOICES:
+        plan = make_plan(info, device, replace(single, parallel=parallel))
+        if plan.n_gpu_layers >= layers and plan.fits:
+            return parallel
+    return 1
 
 
 def _ram(gpu_total: str | None, ram_total: str | None) -> int | None:

@@ -154,16 +154,29 @@ class Worker:
                 continue
             if not self._ensure_model(job):
                 continue
-            limit = self.settings.batch_size
+            assert self.loaded is not None
+            # Enough items to keep every parallel slot busy through most of the batch.
+            limit = self.settings.batch_size or max(16, 4 * self.loaded.parallel)
             if self.options.max_items is not None:
                 limit = min(limit, self.options.max_items - self._finished())
+            # Items that were in flight when the model process crashed run alone, so that
+            # the next crash blames only the item that causes it, not its batch mates.
             batch = queue.claim(
                 self.db,
                 job.id,
-                limit=limit,
+                limit=1,
                 owner=self.id,
+                suspects=True,
                 lease_seconds=self.settings.lease_seconds,
             )
+            if not batch:
+                batch = queue.claim(
+                    self.db,
+                    job.id,
+                    limit=limit,
+                    owner=self.id,
+                    lease_seconds=self.settings.lease_seconds,
+                )
             if batch:
                 self._begin_progress(job)
                 self._run_batch(job, batch)

@@ -43,9 +43,8 @@ def test_prompt_longer_than_the_context_fails_with_a_reason(tmp_path, db_path, d
     run_cli("run", "--until-empty", "--ctx", "128", db_path=db_path, check=True)
     out = read_jsonl(run_cli("export", job, "--include-failed", db_path=db_path, check=True).stdout)
     assert [r["status"] for r in out] == ["done", "failed"]
-    # llama.cpp pads the context to a multiple of 256 and the message gives the real size.
     assert out[1]["error"] == (
-        "prompt is 401 tokens; the context holds 256 (raise --ctx or shorten the prompt)"
+        "prompt is 401 tokens; the context holds 128 (raise --ctx or shorten the prompt)"
     )
 
 

@@ -344,6 +344,8 @@ def test_plan_command_70b_json_on_a_planned_card(db_path, models):
         "12GiB",
         "--ctx",
         "2048",
+        "--parallel",
+        "1",
         "--json",
         db_path=db_path,
         check=True,

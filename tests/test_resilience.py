@@ -110,6 +110,18 @@ def test_oom_at_load_shrinks_layers_and_remembers(tmp_path, db_path, model_1b):
     assert "18 layers loaded and ran on this card before" in plan.stdout
 
 
+def test_parallel_can_shrink_before_layers(tmp_path, db_path, model_1b):
+    submit(tmp_path, db_path, model_1b, 4)
+    env = fake_env(
+        EXECUTOR_FAULT_OOM_LOAD_ABOVE="28",
+        EXECUTOR_SHRINK_PARALLEL_FIRST="1",
+        EXECUTOR_PARALLEL="4",
+    )
+    run_cli("run", "--until-empty", db_path=db_path, env=env, check=True)
+    rows = query(db_path, "SELECT parallel, n_gpu_layers, outcome FROM loads ORDER BY id")
+    assert rows == [(4, 30, "oom"), (2, 30, "oom"), (1, 30, "oom"), (1, 27, "loaded")]
+
+
 def test_oom_during_decode_shrinks_and_finishes_the_batch(tmp_path, db_path, model_1b):
     job = submit(tmp_path, db_path, model_1b, 8)
     env = fake_env(EXECUTOR_FAULT_OOM_DECODE_ABOVE="25")
@@ -124,7 +136,9 @@ def test_oom_during_decode_shrinks_and_finishes_the_batch(tmp_path, db_path, mod
 
 def test_when_even_the_cpu_cannot_load_the_job_fails_with_the_reason(tmp_path, db_path, model_1b):
     job = submit(tmp_path, db_path, model_1b, 2)
-    env = fake_env(EXECUTOR_FAULT_OOM_LOAD_ABOVE="-1", EXECUTOR_SHRINK_STEP="0.5")
+    env = fake_env(
+        EXECUTOR_FAULT_OOM_LOAD_ABOVE="-1", EXECUTOR_SHRINK_STEP="0.5", EXECUTOR_PARALLEL="1"
+    )
     run = run_cli("run", "--until-empty", db_path=db_path, env=env)
     assert run.returncode == 0, run.stderr
     rows = load_rows(db_path)
@@ -214,6 +228,8 @@ def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(tmp_path, db_path, mo
         "--until-empty",
         "--batch-size",
         "10",
+        "--parallel",
+        "2",
         "--stop-timeout",
         "20",
         db_path=db_path,
@@ -238,7 +254,12 @@ def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(tmp_path, db_path, mo
 def test_second_signal_stops_at_once(tmp_path, db_path, model_1b):
     submit(tmp_path, db_path, model_1b, 4, words=200)  # each item takes ~10 s
     worker = start_cli(
-        "run", "--until-empty", db_path=db_path, env=fake_env(EXECUTOR_FAKE_TOKEN_SECONDS="0.05")
+        "run",
+        "--until-empty",
+        "--parallel",
+        "1",
+        db_path=db_path,
+        env=fake_env(EXECUTOR_FAKE_TOKEN_SECONDS="0.05"),
     )
     wait_for(lambda: model_pids(tmp_path / "xdg" / "state"), what="the model process")
     time.sleep(1)
@@ -258,6 +279,8 @@ def test_stop_timeout_bounds_the_wait(tmp_path, db_path, model_1b):
     worker = start_cli(
         "run",
         "--until-empty",
+        "--parallel",
+        "1",
         "--stop-timeout",
         "2",
         db_path=db_path,
@@ -291,6 +314,8 @@ def test_heartbeat_keeps_leases_alive(tmp_path, db_path, model_1b):
     worker = start_cli(
         "run",
         "--until-empty",
+        "--parallel",
+        "1",
         db_path=db_path,
         env=fake_env(EXECUTOR_FAKE_TOKEN_SECONDS="0.05", EXECUTOR_LEASE_SECONDS="10"),
     )

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, read_jsonl, run_cli, write_jsonl
 from tests.helpers import (
     count_items,
@@ -111,7 +113,8 @@ def test_prompt_longer_than_context_fails_that_item_only(tmp_path, db_path, tiny
     assert '"status": "done"' in status.stdout
 
 
-def test_child_killed_mid_batch_job_completes_exactly_once(tmp_path, db_path, tiny_model):
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_child_killed_mid_batch_job_completes_exactly_once(tmp_path, db_path, tiny_model, parallel):
     job = submit(tmp_path, db_path, tiny_model, prompts(12, words=4))
     state = tmp_path / "xdg" / "state"
     worker = start_cli(
@@ -119,6 +122,8 @@ def test_child_killed_mid_batch_job_completes_exactly_once(tmp_path, db_path, ti
         "--until-empty",
         "--batch-size",
         "6",
+        "--parallel",
+        str(parallel),
         db_path=db_path,
         env={**FAKE, "EXECUTOR_FAKE_TOKEN_SECONDS": "0.05"},
     )
@@ -132,8 +137,10 @@ def test_child_killed_mid_batch_job_completes_exactly_once(tmp_path, db_path, ti
     rows = read_jsonl(run_cli("export", str(job), db_path=db_path, check=True).stdout)
     assert sorted(r["custom_id"] for r in rows) == sorted(f"p{i}" for i in range(12))
     assert all(r["status"] == "done" for r in rows)
-    # The item in flight got one attempt counted; the others none.
-    assert query(db_path, "SELECT count(*) FROM items WHERE attempts = 1") == [(1,)]
+    # The items in flight (one per parallel slot at most) got an attempt counted; no others.
+    ((crashed,),) = query(db_path, "SELECT count(*) FROM items WHERE attempts = 1")
+    assert crashed == 1 if parallel == 1 else 1 <= crashed <= parallel
+    assert query(db_path, "SELECT count(*) FROM items WHERE attempts > 1") == [(0,)]
     assert query(db_path, "SELECT count(*) FROM results") == [(12,)]
 
 
@@ -255,6 +262,8 @@ def test_export_while_running_gives_what_is_done(tmp_path, db_path, tiny_model):
     worker = start_cli(
         "run",
         "--until-empty",
+        "--parallel",
+        "1",
         "--batch-size",
         "10",
         db_path=db_path,

@@ -97,11 +97,29 @@ class DryRun:
     flash_attn: str
 
 
-class Engine(Protocol):
-    """A loaded model that turns one request into one result."""
+class BatchSink(Protocol):
+    """Where an engine reports on a batch, and learns what the parent asked meanwhile."""
 
-    def generate(self, request: GenerationRequest) -> ResultRecord:
-        """Generate; raise ItemError when the failure belongs to this item alone."""
+    def started(self, item_id: int) -> None: ...
+
+    def finished(self, item_id: int, record: ResultRecord) -> None: ...
+
+    def failed(self, item_id: int, reason: str) -> None:
+        """This item alone failed (prompt too long, template error); the batch goes on."""
+        ...
+
+    def dropped(self) -> set[int]:
+        """Items of the batch not to start (the parent released them)."""
+        ...
+
+    def stop_requested(self) -> bool: ...
+
+
+class Engine(Protocol):
+    """A loaded model that generates a batch of requests, several at a time if it can."""
+
+    def run_batch(self, requests: list[GenerationRequest], sink: BatchSink) -> None:
+        """Generate every request not dropped, reporting each through `sink` as it ends."""
         ...
 
     def describe(self) -> dict[str, Any]:

@@ -15,11 +15,11 @@ import ctypes
 import os
 import signal
 import sys
-from collections import deque
 from multiprocessing.connection import Connection
 
-from executor.engine import GenerationRequest, ItemError, LoadError, LoadSpec, create_engine
+from executor.engine import Engine, LoadError, LoadSpec, create_engine
 from executor.engine.faults import Faults
+from executor.store.queue import ResultRecord
 
 PR_SET_PDEATHSIG = 1
 
@@ -50,33 +50,51 @@ def main(conn: Connection, spec: LoadSpec, log_path: str, faults: Faults | None 
         engine.close()
 
 
-def _serve(conn: Connection, engine) -> None:
+def _serve(conn: Connection, engine: Engine) -> None:
     while True:
         message = conn.recv()
         if message[0] == "stop":
             return
-        if message[0] != "batch":
-            continue
-        pending: deque[GenerationRequest] = deque(message[1])
-        dropped: set[int] = set()
-        while pending:
-            while conn.poll():  # drops and stops arrive between items
-                extra = conn.recv()
-                if extra[0] == "drop":
-                    dropped.update(extra[1])
-                elif extra[0] == "stop":
-                    return
-            request = pending.popleft()
-            if request.item_id in dropped:
-                continue
-            conn.send(("start", request.item_id))
-            try:
-                record = engine.generate(request)
-            except ItemError as exc:
-                conn.send(("error", request.item_id, str(exc)))
-            else:
-                conn.send(("result", request.item_id, record))
-        conn.send(("batch_done",))
+        if message[0] == "batch":
+            sink = _PipeSink(conn)
+            engine.run_batch(message[1], sink)
+            if sink.stop:
+                return
+            conn.send(("batch_done",))
+
+
+class _PipeSink:
+    """Reports to the parent over the pipe; reads its drops and stops between steps."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.drops: set[int] = set()
+        self.stop = False
+
+    def started(self, item_id: int) -> None:
+        self.conn.send(("start", item_id))
+
+    def finished(self, item_id: int, record: ResultRecord) -> None:
+        self.conn.send(("result", item_id, record))
+
+    def failed(self, item_id: int, reason: str) -> None:
+        self.conn.send(("error", item_id, reason))
+
+    def _read(self) -> None:
+        while self.conn.poll():
+            message = self.conn.recv()
+            if message[0] == "drop":
+                self.drops.update(message[1])
+            elif message[0] == "stop":
+                self.stop = True
+
+    def dropped(self) -> set[int]:
+        self._read()
+        return self.drops
+
+    def stop_requested(self) -> bool:
+        self._read()
+        return self.stop
 
 
 def dry_run_main(conn: Connection, spec: LoadSpec, allocate: bool = False) -> None:

@@ -291,13 +291,25 @@ def fail_job(db: Database, job_id: int, reason: str) -> None:
 
 
 def claim(
-    db: Database, job_id: int, *, limit: int, owner: str, lease_seconds: float
+    db: Database,
+    job_id: int,
+    *,
+    limit: int,
+    owner: str,
+    lease_seconds: float,
+    suspects: bool = False,
 ) -> list[ClaimedItem]:
-    """Atomically lease up to `limit` queued items of a job, in input order."""
+    """Atomically lease up to `limit` queued items of a job, in input order.
+
+    `suspects` picks only items that were in flight when the model process crashed (so they
+    can run one at a time: a crash then blames only the item that caused it); otherwise only
+    items that never crashed it.
+    """
     now = utcnow()
+    crashed = items.c.attempts > 0 if suspects else items.c.attempts == 0
     pick = (
         sa.select(items.c.id)
-        .where(items.c.job_id == job_id, items.c.status == ItemStatus.QUEUED)
+        .where(items.c.job_id == job_id, items.c.status == ItemStatus.QUEUED, crashed)
         .order_by(items.c.line)
         .limit(limit)
         .with_for_update(skip_locked=True)  # PostgreSQL; SQLite's IMMEDIATE lock serializes
