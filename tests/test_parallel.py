@@ -164,9 +164,9 @@ def test_shared_system_prompt_is_computed_once(default_model):
         )
     )
 
-    class Sink:
-        done: dict[int, str] = {}
+    done: dict[int, str] = {}
 
+    class Sink:
         def started(self, item_id): ...
         def finished(self, item_id, record):
             self.done[item_id] = record.output
@@ -185,7 +185,7 @@ def test_shared_system_prompt_is_computed_once(default_model):
         engine.run_batch(requests, Sink())
         # Five of the six prompts took the system prompt from the cache.
         assert engine.reused_tokens >= 5 * prefix
-        assert len(Sink.done) == 6
+        assert len(done) == 6
     finally:
         engine.close()
 
