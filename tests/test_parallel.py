@@ -169,7 +169,7 @@ def test_shared_system_prompt_is_computed_once(default_model):
     class Sink:
         def started(self, item_id): ...
         def finished(self, item_id, record):
-            self.done[item_id] = record.output
+            done[item_id] = record.output
 
         def failed(self, item_id, reason):
             raise AssertionError(reason)
