@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -37,6 +38,10 @@ db_app = typer.Typer(
     help="Database schema: show the revision, upgrade to the newest.", no_args_is_help=True
 )
 app.add_typer(db_app, name="db")
+config_app = typer.Typer(
+    help="Settings: what applies and where each value comes from.", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
 
 # --- options shared by commands ----------------------------------------------------------------
 
@@ -149,7 +154,9 @@ def _say(message: str) -> None:
 
 @app.command()
 def submit(
-    file: Annotated[str, typer.Argument(help="Prompt file (JSON lines), or - for stdin.")],
+    file: Annotated[
+        str, typer.Argument(help="Prompt file (JSON lines), - for stdin, or a job spec (.yaml).")
+    ],
     name: Annotated[str | None, typer.Option(help="Job name (default: the file name).")] = None,
     model: Annotated[
         str | None,
@@ -185,6 +192,15 @@ def submit(
             help="Queue the valid lines; record each bad line as a failed item.",
         ),
     ] = False,
+    json_schema: Annotated[
+        str | None,
+        typer.Option(
+            "--json-schema",
+            help="A JSON schema file: every line without its own schema must "
+            "produce JSON that matches it.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     db: DbOpt = None,
     config: ConfigOpt = None,
@@ -193,27 +209,37 @@ def submit(
 
     Each line is a JSON object: {"prompt": "..."} for a raw completion or {"messages": [...]}
     for a chat (the model's own chat template applies), with optional "custom_id" (default:
-    the line number), "max_tokens", "temperature", "top_p", "seed", "stop" and "metadata".
-    Blank lines are skipped. If any line is invalid, each is reported as FILE:LINE: reason,
-    nothing is queued, and the exit code is 2.
+    the line number), "max_tokens", "temperature", "top_p", "seed", "stop", "json_schema" and
+    "metadata". OpenAI Batch API lines ({"custom_id", "method", "url", "body"}) work too; their
+    body.model is looked up in `models:` of the config file. Blank lines are skipped. If any
+    line is invalid, each is reported as FILE:LINE: reason, nothing is queued, and the exit
+    code is 2.
+
+    A job spec (.yaml) names the input file, the model and the settings (see jobs/).
 
     Submitting the same content with the same model and parameters again prints the existing
     job id (safe from cron); --force queues it anew.
     """
+    from executor.jobspec import is_spec
     from executor.submit import submit as submit_file
+    from executor.submit import submit_spec
 
-    settings = _settings(
-        config,
-        db=db,
-        model=model,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
+    flags = dict(
+        db=db, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
-    result = submit_file(
-        settings, _open(settings), file, name=name, force=force, skip_invalid=skip_invalid
-    )
+    if is_spec(file):
+        result = submit_spec(file, flags, config=config, force=force, skip_invalid=skip_invalid)
+    else:
+        settings = _settings(config, **flags)
+        result = submit_file(
+            settings,
+            _open(settings),
+            file,
+            name=name,
+            force=force,
+            skip_invalid=skip_invalid,
+            json_schema=_schema_file(json_schema),
+        )
     if as_json:
         _print_json(result.__dict__)
         return
@@ -226,6 +252,14 @@ def submit(
             " not queued again (--force to queue anew)"
         )
     typer.echo(result.job_id)
+
+
+def _schema_file(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    from executor.jobspec import read_schema
+
+    return read_schema(Path.cwd(), path, "--json-schema")
 
 
 @app.command()
@@ -431,6 +465,30 @@ def status(
         typer.echo(format_table(rows))
 
 
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format", help="executor (one object per item) or openai (OpenAI Batch API output)."
+    ),
+]
+ErrorsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--errors",
+        help="With --format openai: write failed requests to this file.",
+        show_default=False,
+    ),
+]
+ProvenanceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--with-provenance",
+        help="Add each result's model sha256, parameters and the load "
+        "(GPU layers, cap, measured VRAM) it ran under.",
+    ),
+]
+
+
 @app.command()
 def export(
     job: JobArg,
@@ -449,21 +507,42 @@ def export(
             help="Also export failed, invalid and cancelled items, with their error.",
         ),
     ] = False,
+    fmt: FormatOpt = "executor",
+    errors: ErrorsOpt = None,
+    with_provenance: ProvenanceOpt = False,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Write a job's results as JSON lines, in input order.
 
-    Each line: custom_id, line, status, output, finish_reason, prompt_tokens,
-    completion_tokens, timings (ms) and error. While the job runs, you get what is done so far.
+    Our format: custom_id, line, status, output, finish_reason, prompt_tokens,
+    completion_tokens, timings (ms) and error. --format openai writes OpenAI Batch API output
+    lines ({"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}).
+    While the job runs, you get what is done so far.
     """
     from executor.export import export_job
 
     settings = _settings(config, db=db)
-    result = export_job(_open(settings), job, output, include_failed=include_failed)
+    result = export_job(
+        _open(settings),
+        job,
+        output,
+        include_failed=include_failed,
+        fmt=fmt,
+        errors=errors,
+        with_provenance=with_provenance,
+    )
+    _say(_export_note(result, output, errors))
+
+
+def _export_note(result: Any, output: str | None, errors: str | None) -> str:
     where = "stdout" if output in (None, "-") else output
     note = "" if result.job_status == "done" else f" (job is {result.job_status})"
-    _say(f"job {job}: exported {result.lines} of {result.item_count} items to {where}{note}")
+    failed = f", {result.failed} failed to {errors}" if errors else ""
+    return (
+        f"job {result.job_id}: exported {result.lines} of {result.item_count} items to "
+        f"{where}{failed}{note}"
+    )
 
 
 @app.command()
@@ -545,6 +624,138 @@ def model(
     typer.echo(f"{resolved}\n  size   {info['size']:,} bytes\n  sha256 {sha}")
     if is_default:
         typer.echo(f"  the default model ({DEFAULT_MODEL.name}); hash verified")
+
+
+@app.command("run-job")
+def run_job(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            help="A job spec (.yaml): input, model, settings, output. See jobs/ for examples."
+        ),
+    ],
+    as_json: JsonOpt = False,
+    log_format: LogFormatOpt = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Submit a job spec, run it to the end and export its results: one line for cron.
+
+    Idempotent like submit: run again, it finds the same job and only finishes what is left.
+    Exit code 0 when the job is done (failed items are in the output or error file), 6 when
+    the job failed as a whole (e.g. the model would not load), 3 if another run holds the
+    worker lock.
+    """
+    from executor.export import export_job
+    from executor.jobspec import read_spec, spec_settings
+    from executor.progress import Progress
+    from executor.store import queue
+    from executor.submit import submit as submit_file
+    from executor.worker import RunOptions, run_worker
+
+    job_spec = read_spec(spec)
+    settings = spec_settings(job_spec, {"db": db, "log_format": log_format}, config)
+    status_line = setup_logging(settings.log_format)
+    database = _open(settings)
+    submitted = submit_file(
+        settings,
+        database,
+        str(job_spec.input),
+        name=job_spec.name,
+        json_schema=job_spec.json_schema,
+        load=job_spec.load,
+    )
+    _say(
+        f"job {submitted.job_id} ({job_spec.name}): {submitted.items} prompts"
+        + ("" if submitted.created else " (submitted before; finishing it)")
+    )
+    summary = run_worker(
+        settings,
+        database,
+        RunOptions(until_empty=True, job_id=submitted.job_id),
+        Progress(status_line, settings.progress_seconds),
+    )
+    job = queue.get_job(database, submitted.job_id)
+    assert job is not None
+    exported = None
+    if job_spec.output is not None:
+        exported = export_job(
+            database,
+            job.id,
+            str(job_spec.output),
+            fmt=job_spec.format,
+            errors=str(job_spec.errors) if job_spec.errors else None,
+            include_failed=job_spec.include_failed,
+            with_provenance=job_spec.with_provenance,
+        )
+        _say(
+            _export_note(
+                exported, str(job_spec.output), str(job_spec.errors) if job_spec.errors else None
+            )
+        )
+    if as_json:
+        _print_json(
+            {
+                "job_id": job.id,
+                "status": job.status.value,
+                **summary.__dict__,
+                "exported": exported.lines if exported else None,
+            }
+        )
+    if job.status.value == "failed":
+        _say(f"executor: job {job.id} failed: {job.error}")
+        raise typer.Exit(ExitCode.JOB_FAILED)
+    if summary.stopped_by_signal:
+        _say(f"job {job.id} is not finished (stopped by a signal); run-job again to go on")
+
+
+@config_app.command("show")
+def config_show(
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print every setting's effective value and where it came from (flag, env, file,
+    default)."""
+    from executor.config import OPTIONS
+
+    settings = _settings(config, db=db)
+    values = settings.as_dict()
+    if as_json:
+        _print_json(
+            {
+                "config_file": str(settings.config_file) if settings.config_file else None,
+                "settings": {
+                    k: {"value": values[k], "source": settings.sources[k]} for k in OPTIONS
+                },
+            }
+        )
+        return
+    typer.echo(f"config file: {settings.config_file or 'none'}")
+    width = max(map(len, OPTIONS))
+    for key, option in OPTIONS.items():
+        shown = json.dumps(values[key]) if isinstance(values[key], dict) else values[key]
+        typer.echo(f"{key:{width}}  {shown!s:24}  {settings.sources[key]:28}  {option.help}")
+
+
+@app.command()
+def doctor(
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Check this machine: llama-cpp-python and GPU offload, NVIDIA GPUs, RAM and swap, the
+    database and its schema, the default model and its hash. Exit code 9 if a check FAILs
+    (a missing GPU is a WARN: everything runs on the CPU)."""
+    from executor.doctor import format_checks, run_checks
+
+    checks = run_checks(_settings(config, db=db))
+    if as_json:
+        _print_json([c.__dict__ for c in checks])
+    else:
+        typer.echo(format_checks(checks))
+    if any(c.state == "FAIL" for c in checks):
+        raise typer.Exit(ExitCode.CHECK_FAILED)
 
 
 @app.command()

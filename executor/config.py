@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,24 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _aliases(value: Any) -> dict[str, str]:
+    """`models:` — names (as OpenAI batch files give them) → GGUF paths; JSON text in env."""
+    if value is None:  # `models:` with every entry commented out
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                "expected a mapping of model names to GGUF paths (JSON in the environment)"
+            ) from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+    ):
+        raise ValueError("expected a mapping of model names to GGUF paths")
+    return {name: str(Path(path).expanduser()) for name, path in value.items()}
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def wrapped(value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
@@ -128,7 +147,10 @@ class Option:
 
 OPTIONS: dict[str, Option] = {
     "db": Option(_text, None, "database: a path (SQLite) or a SQLAlchemy URL"),
-    "model": Option(_optional(_text), None, "GGUF model path; unset = the default model"),
+    "model": Option(
+        _optional(_text), None, "GGUF model path or a name from `models`; unset = the default model"
+    ),
+    "models": Option(_aliases, {}, "model names → GGUF paths (OpenAI batch files name models)"),
     "engine": Option(_choice("llama", "fake"), "llama", "llama (real) or fake (tests, dry runs)"),
     "ctx": Option(_int(64), 4096, "context size in tokens per sequence"),
     "gpu_layers": Option(
@@ -172,6 +194,7 @@ class Settings:
 
     db: str
     model: str | None
+    models: dict[str, str]
     engine: str
     ctx: int
     gpu_layers: int | str

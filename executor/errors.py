@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     JOB_FAILED = 6  # `run-job`/`run --job`: the job ended with failures it could not recover from
     DATABASE = 7  # database unreachable or at an unknown schema revision
     WOULD_SWAP = 8  # `plan`: the CPU part does not fit in RAM (pass --allow-swap)
+    CHECK_FAILED = 9  # `doctor`: a check failed
 
 
 class ExecutorError(Exception):

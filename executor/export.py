@@ -6,15 +6,22 @@ import json
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from executor.errors import NotFoundError
+from executor import openai_batch
+from executor.errors import NotFoundError, UsageError
 from executor.store import Database, queue
 from executor.store.schema import ItemStatus
 
 NOT_DONE = (ItemStatus.FAILED, ItemStatus.INVALID, ItemStatus.CANCELLED)
+
+
+FORMATS = ("executor", "openai")
 
 
 @dataclass(frozen=True)
@@ -23,45 +30,112 @@ class Exported:
     lines: int
     item_count: int
     job_status: str
+    failed: int = 0
 
 
 def export_job(
-    db: Database, job_id: int, output: str | None = None, *, include_failed: bool = False
+    db: Database,
+    job_id: int,
+    output: str | None = None,
+    *,
+    include_failed: bool = False,
+    fmt: str = "executor",
+    errors: str | None = None,
+    with_provenance: bool = False,
 ) -> Exported:
-    """Write one line per item (done, and with `include_failed` failed ones) to `output`."""
+    """Write the job's items in input order to `output` (stdout by default).
+
+    `fmt` "executor": one object per item, done ones (and failed, invalid and cancelled ones
+    with `include_failed`). `fmt` "openai": OpenAI Batch API output lines; failed requests go
+    to `errors` if given, else into the output among the others.
+    """
     job = queue.get_job(db, job_id)
     if job is None:
         raise NotFoundError(f"no job {job_id}", hint="`executor status` lists the jobs")
-    statuses = [ItemStatus.DONE, *(NOT_DONE if include_failed else ())]
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if errors and fmt != "openai":
+        raise UsageError(
+            "--errors goes with --format openai (our own format keeps failed "
+            "items in the output with --include-failed)"
+        )
+    with_failed = include_failed or fmt == "openai"
+    statuses = [ItemStatus.DONE, *(NOT_DONE if with_failed else ())]
+    render = _Renderer(job_id, fmt, with_provenance)
+    with _target(output) as out, _target(errors) as err:
+        count = failed = 0
+        for row in queue.export_rows(db, job_id, statuses):
+            line, is_error = render(row._mapping)
+            (err if is_error and errors else out).write(json.dumps(line, ensure_ascii=False) + "\n")
+            count += not is_error or not errors
+            failed += is_error
+    return Exported(job_id, count, job.item_count, job.status.value, failed)
+
+
+class _Renderer:
+    """Turns an export row into the line of the chosen format."""
+
+    def __init__(self, job_id: int, fmt: str, with_provenance: bool) -> None:
+        self.job_id = job_id
+        self.fmt = fmt
+        self.with_provenance = with_provenance
+        self.created = int(time.time())
+
+    def __call__(self, row: Any) -> tuple[dict[str, Any], bool]:
+        is_error = ItemStatus(row["status"]) != ItemStatus.DONE
+        if self.fmt == "openai":
+            line = (
+                openai_batch.error_line(row, self.job_id)
+                if is_error
+                else openai_batch.response_line(row, self.job_id, self.created)
+            )
+        else:
+            line = export_record(row)
+        if self.with_provenance and not is_error:
+            line["provenance"] = provenance(row)
+        return line, is_error
+
+
+@contextmanager
+def _target(output: str | None) -> Iterator[TextIO]:
+    """stdout, or a file written atomically: a temporary next to it, renamed at the end."""
     if output in (None, "-"):
-        count = _write(db, job_id, statuses, sys.stdout)
+        yield sys.stdout
         sys.stdout.flush()
-    else:
-        count = _write_atomically(db, job_id, statuses, Path(output))
-    return Exported(job_id, count, job.item_count, job.status.value)
-
-
-def _write_atomically(db: Database, job_id: int, statuses: list[ItemStatus], path: Path) -> int:
+        return
+    path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            count = _write(db, job_id, statuses, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return count
 
 
-def _write(db: Database, job_id: int, statuses: list[ItemStatus], out: TextIO) -> int:
-    count = 0
-    for row in queue.export_rows(db, job_id, statuses):
-        out.write(json.dumps(export_record(row._mapping), ensure_ascii=False) + "\n")
-        count += 1
-    return count
+def provenance(row: Any) -> dict[str, Any]:
+    """What a result ran under: the model's hash, the parameters, the load and its plan."""
+    return {
+        "model_sha256": row["model_sha256"],
+        "params": row["params"],
+        "load": None
+        if row["load_id"] is None
+        else {
+            "id": row["load_id"],
+            "n_gpu_layers": row["n_gpu_layers"],
+            "parallel": row["parallel"],
+            "n_ctx": row["n_ctx"],
+            "gpu": row["gpu_name"],
+            "vram_cap": row["vram_cap"],
+            "predicted_vram": row["predicted_vram"],
+            "measured_vram": row["measured_vram"],
+        },
+        "finished_at": row["created_at"].isoformat() + "Z" if row["created_at"] else None,
+    }
 
 
 def export_record(row: Any) -> dict[str, Any]:

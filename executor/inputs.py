@@ -7,7 +7,7 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -16,13 +16,16 @@ from executor.errors import InputError
 
 ROLES = ("system", "user", "assistant")
 PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
-LINE_KEYS = ("prompt", "messages", "custom_id", "metadata", *PARAM_KEYS)
+LINE_KEYS = ("prompt", "messages", "custom_id", "metadata", "json_schema", *PARAM_KEYS)
 MAX_SEED = 2**32 - 1
 MAX_REPORTED = 20  # bad lines listed one by one; the rest are counted
 
 
 class LineError(ValueError):
     """What is wrong with one input line."""
+
+
+ModelResolver = Callable[[str], str]  # a model name from a line → GGUF path; LineError if none
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class Entry:
     request: dict[str, Any] | None = None
     error: str | None = None
     raw: str = ""
+    model: str | None = None  # the GGUF an OpenAI batch line's body.model maps to
 
 
 @dataclass
@@ -44,13 +48,15 @@ class Scan:
     valid: int = 0
     invalid: int = 0
     problems: list[str] = field(default_factory=list)
+    models: dict[str, int] = field(default_factory=dict)  # model named by lines → first line
 
 
 class PromptFile:
     """A prompt file (or stdin, spooled to disk so it can be read twice) to scan repeatedly."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, model_for: ModelResolver | None = None) -> None:
         self.source = source
+        self.model_for = model_for
         self.display = "<stdin>" if source == "-" else source
         self._spool: IO[bytes] | None = None
         if source == "-":
@@ -79,7 +85,7 @@ class PromptFile:
                     digest.update(raw)
                 if not raw.strip():
                     continue
-                yield _entry(raw, number, seen)
+                yield _entry(raw, number, seen, self.model_for)
 
     def scan(self) -> Scan:
         """Validate every line and hash the content, keeping only counts and the first problems."""
@@ -88,6 +94,8 @@ class PromptFile:
         for entry in self.entries(digest):
             if entry.error is None:
                 result.valid += 1
+                if entry.model is not None:
+                    result.models.setdefault(entry.model, entry.line)
             else:
                 result.invalid += 1
                 if len(result.problems) < MAX_REPORTED:
@@ -115,7 +123,7 @@ class _Unclosable:
         return None
 
 
-def _entry(raw: bytes, number: int, seen: dict[str, int]) -> Entry:
+def _entry(raw: bytes, number: int, seen: dict[str, int], model_for: ModelResolver | None) -> Entry:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -131,14 +139,20 @@ def _entry(raw: bytes, number: int, seen: dict[str, int]) -> Entry:
     try:
         data = _load_object(text)
         if "custom_id" in data:
-            custom_id = _custom_id(data["custom_id"])
-        request = parse_request(data)
+            custom_id = check_custom_id(data["custom_id"])
+        model = None
+        if "body" in data or "url" in data:  # an OpenAI Batch API line
+            from executor.openai_batch import parse_openai_line
+
+            request, model = parse_openai_line(data, model_for)
+        else:
+            request = parse_request(data)
         if custom_id in seen:
             raise LineError(f"duplicate custom_id {custom_id!r} (first on line {seen[custom_id]})")
     except LineError as exc:
         return Entry(number, custom_id, error=str(exc), raw=text)
     seen[custom_id] = number
-    return Entry(number, custom_id, request=request, raw=text)
+    return Entry(number, custom_id, request=request, raw=text, model=model)
 
 
 def _load_object(text: str) -> dict[str, Any]:
@@ -147,13 +161,13 @@ def _load_object(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise LineError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(data, dict):
-        raise LineError(f"expected a JSON object, got {_kind(data)}")
+        raise LineError(f"expected a JSON object, got {kind_of(data)}")
     return data
 
 
-def _custom_id(value: Any) -> str:
+def check_custom_id(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise LineError(f"custom_id must be a non-empty string, got {_kind(value)}")
+        raise LineError(f"custom_id must be a non-empty string, got {kind_of(value)}")
     if len(value) > 512:
         raise LineError("custom_id is longer than 512 characters")
     return value
@@ -175,30 +189,40 @@ def parse_request(data: dict[str, Any]) -> dict[str, Any]:
     if has_prompt:
         prompt = data["prompt"]
         if not isinstance(prompt, str):
-            raise LineError(f"prompt must be a string, got {_kind(prompt)}")
+            raise LineError(f"prompt must be a string, got {kind_of(prompt)}")
         if not prompt.strip():
             raise LineError("prompt is empty")
         request["prompt"] = prompt
     else:
-        request["messages"] = _messages(data["messages"])
+        request["messages"] = parse_messages(data["messages"])
     params = parse_params(data)
     if params:
         request["params"] = params
+    if "json_schema" in data:
+        request["json_schema"] = json_schema(data["json_schema"])
     if "metadata" in data:
         if not isinstance(data["metadata"], dict):
-            raise LineError(f"metadata must be an object, got {_kind(data['metadata'])}")
+            raise LineError(f"metadata must be an object, got {kind_of(data['metadata'])}")
         request["metadata"] = data["metadata"]
     return request
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def json_schema(value: Any) -> dict[str, Any]:
+    """A JSON schema (an object); whether llama.cpp can turn it into a grammar is checked
+    when the item runs, and an item whose schema cannot be converted fails with the reason."""
+    if not isinstance(value, dict):
+        raise LineError(f"json_schema must be an object, got {kind_of(value)}")
+    return value
+
+
+def parse_messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise LineError(f"messages must be a non-empty list, got {_kind(value)}")
+        raise LineError(f"messages must be a non-empty list, got {kind_of(value)}")
     messages = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise LineError(f"{where} must be an object, got {_kind(message)}")
+            raise LineError(f"{where} must be an object, got {kind_of(message)}")
         role = message.get("role")
         if role not in ROLES:
             raise LineError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -206,7 +230,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if isinstance(content, list):  # OpenAI's content parts: text only
             content = _text_parts(content, where)
         if not isinstance(content, str):
-            raise LineError(f"{where}.content must be a string, got {_kind(content)}")
+            raise LineError(f"{where}.content must be a string, got {kind_of(content)}")
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] == "assistant":
         raise LineError("the last message is the assistant's; nothing to answer")
@@ -244,7 +268,7 @@ def parse_params(data: dict[str, Any]) -> dict[str, Any]:
 
 def _int(value: Any, key: str, low: int, high: int | None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise LineError(f"{key} must be an integer, got {_kind(value)}")
+        raise LineError(f"{key} must be an integer, got {kind_of(value)}")
     if value < low or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise LineError(f"{key} must be {bounds}, got {value}")
@@ -253,7 +277,7 @@ def _int(value: Any, key: str, low: int, high: int | None) -> int:
 
 def _number(value: Any, key: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise LineError(f"{key} must be a number, got {_kind(value)}")
+        raise LineError(f"{key} must be a number, got {kind_of(value)}")
     if not low <= value <= high:
         raise LineError(f"{key} must be between {low:g} and {high:g}, got {value}")
     return float(value)
@@ -266,7 +290,7 @@ def _stop(value: Any) -> list[str]:
     return stops
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     """A JSON-ish name for a value's type, for messages."""
     if value is None:
         return "null"

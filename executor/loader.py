@@ -19,7 +19,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class Loaded:
     parallel: int
     model_path: str
     sha256: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # the job's load settings
 
 
 class _Retry(Exception):
@@ -102,17 +103,21 @@ class ModelLoader:
         # Per configuration: the most layers allowed after an OOM in this run.
         self.ceilings: dict[load_store.ConfigKey, int] = {}
 
-    def load(self, model_path: str) -> Loaded:
-        """Plan and load `model_path`; shrink and retry on OOM. ModelError if it cannot load."""
+    def load(self, model_path: str, overrides: dict[str, Any] | None = None) -> Loaded:
+        """Plan and load `model_path`; shrink and retry on OOM. ModelError if it cannot load.
+
+        `overrides`: settings a job asks for its model (ctx, parallel, vram_cap).
+        """
+        settings = replace(self.settings, **overrides) if overrides else self.settings
         path = Path(model_path)
         if not path.is_file():
             raise ModelError(f"model file {path} does not exist")
         check_gguf(path)
         verify_default_model(self.db, path)
         sha = model_sha256(self.db, path)
-        report = plan_for(self.settings, self.db, path, nvml=self.nvml, sha256=sha)
+        report = plan_for(settings, self.db, path, nvml=self.nvml, sha256=sha)
         plan = report.plan
-        if not plan.ram_ok and not self.settings.allow_swap:
+        if not plan.ram_ok and not settings.allow_swap:
             raise ModelError(
                 f"{plan.notes[-1]}; refusing to load",
                 hint="fewer CPU layers (a larger --vram-cap), a smaller --ctx, or --allow-swap "
@@ -124,17 +129,21 @@ class ModelLoader:
         }
         retrying = Retrying(
             retry=retry_if_exception_type(_Retry),
-            wait=wait_random_exponential(multiplier=self.settings.backoff_seconds, max=60),
+            wait=wait_random_exponential(multiplier=settings.backoff_seconds, max=60),
             stop=stop_never,
             reraise=True,
             before_sleep=self._log_backoff,
         )
         for attempt in retrying:
             with attempt:
-                return self._attempt(path, sha, report, state)
+                loaded = self._attempt(settings, path, sha, report, state)
+                loaded.overrides = overrides or {}
+                return loaded
         raise AssertionError("unreachable")
 
-    def _attempt(self, path: Path, sha: str, report: PlanReport, state: dict[str, int]) -> Loaded:
+    def _attempt(
+        self, settings: Settings, path: Path, sha: str, report: PlanReport, state: dict[str, int]
+    ) -> Loaded:
         if self.stopping():
             raise ModelError("stopping: the model was not loaded")
         layers, parallel = state["layers"], state["parallel"]
@@ -158,11 +167,11 @@ class ModelLoader:
             plan=plan.as_dict(),
         )
         spec = load_spec(
-            self.settings,
+            settings,
             str(path),
             layers,
             parallel=parallel,
-            flash_attn=flash_attn_for(self.settings, device),
+            flash_attn=flash_attn_for(settings, device),
         )
         self.processes += 1
         proc = ModelProcess(

@@ -52,8 +52,11 @@ def default_model_candidates() -> list[Path]:
     return candidates
 
 
-def resolve_model(setting: str | None) -> Path:
-    """The absolute path of the model to use; a clear ModelError when it is not there."""
+def resolve_model(setting: str | None, aliases: dict[str, str] | None = None) -> Path:
+    """The absolute path of the model to use (a path, or a name from `models:`); a clear
+    ModelError when it is not there."""
+    if setting and aliases and setting in aliases:
+        setting = aliases[setting]
     if setting:
         path = Path(setting).expanduser().resolve()
         if not path.is_file():

@@ -7,12 +7,14 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from executor.config import Settings
 from executor.errors import InputError
-from executor.inputs import PromptFile, format_problems
+from executor.inputs import LineError, ModelResolver, PromptFile, format_problems
+from executor.jobspec import read_spec, spec_settings
 from executor.models import resolve_model
-from executor.store import Database, queue
+from executor.store import Database, open_database, queue
 from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus
 
@@ -33,14 +35,16 @@ def submit(
     name: str | None = None,
     force: bool = False,
     skip_invalid: bool = False,
+    json_schema: dict[str, Any] | None = None,
+    load: dict[str, Any] | None = None,
 ) -> Submitted:
     """Validate `source` (a path or '-') and enqueue it; nothing is written if any line is bad.
 
     The same content with the same model and parameters returns the existing job unless
-    `force`, so cron can resubmit a file safely.
+    `force`, so cron can resubmit a file safely. `json_schema` constrains every line without
+    its own; `load` holds settings for loading the job's model (ctx, parallel, vram_cap).
     """
-    model = resolve_model(settings.model)
-    prompts = PromptFile(source)
+    prompts = PromptFile(source, _model_resolver(settings))
     try:
         scan = prompts.scan()
         if scan.invalid and not skip_invalid:
@@ -57,7 +61,18 @@ def submit(
                 problems=format_problems(scan),
                 total=scan.invalid,
             )
-        params = settings.generation_defaults()
+        if len(scan.models) > 1:
+            named = ", ".join(f"{Path(m).name} (line {line})" for m, line in scan.models.items())
+            raise InputError(
+                f"{prompts.display}: the lines name {len(scan.models)} models "
+                f"({named}); a job runs one model: split the file"
+            )
+        model = resolve_model(next(iter(scan.models), None) or settings.model, settings.models)
+        params: dict[str, Any] = settings.generation_defaults()
+        if json_schema is not None:
+            params["json_schema"] = json_schema
+        if load:
+            params["load"] = load
         fingerprint = _fingerprint(scan.sha256, str(model), params)
         if not force:
             existing = queue.find_job(db, fingerprint)
@@ -94,6 +109,47 @@ def _new_items(prompts: PromptFile, expected_sha256: str) -> Iterator[NewItem]:
             )
     if digest.hexdigest() != expected_sha256:
         raise InputError(f"{prompts.display} changed while it was being read; nothing was queued")
+
+
+def submit_spec(
+    spec_path: str,
+    flags: dict[str, Any],
+    *,
+    config: str | None = None,
+    force: bool = False,
+    skip_invalid: bool = False,
+) -> Submitted:
+    """Submit the job a spec describes (its input, model, settings and schema)."""
+    spec = read_spec(spec_path)
+    settings = spec_settings(spec, flags, config)
+    return submit(
+        settings,
+        open_database(settings.db_url),
+        str(spec.input),
+        name=spec.name,
+        force=force,
+        skip_invalid=skip_invalid,
+        json_schema=spec.json_schema,
+        load=spec.load,
+    )
+
+
+def _model_resolver(settings: Settings) -> ModelResolver:
+    """How an OpenAI batch line's body.model becomes a GGUF path: through `models:` in the
+    config, unless --model was given, which then serves every line."""
+    override = settings.sources.get("model") == "flag"
+
+    def model_for(name: str) -> str:
+        if override:
+            return str(resolve_model(settings.model, settings.models))
+        if name in settings.models:
+            return settings.models[name]
+        raise LineError(
+            f"unknown model {name!r}: map it to a GGUF file in the config file "
+            f"(models: {{{name!r}: /path/to/model.gguf}}) or pass --model"
+        )
+
+    return model_for
 
 
 def _fingerprint(input_sha256: str, model: str, params: dict[str, object]) -> str:

@@ -234,29 +234,37 @@ def dry_run(spec: LoadSpec, timeout: float = 300.0, *, allocate: bool = False) -
     Returns the reason instead when it cannot run (no llama-cpp-python, a crash, a timeout):
     the caller then keeps the pure estimate.
     """
+    kind, payload = _ask_engine(spec, allocate, timeout)
+    return payload if kind == "dry_run" else str(payload)
+
+
+def engine_capabilities(timeout: float = 120.0) -> dict[str, Any] | str:
+    """llama-cpp-python's version and GPU offload support, asked in a throwaway process
+    (the parent never imports llama.cpp); the reason instead when it cannot say."""
+    kind, payload = _ask_engine(None, False, timeout)
+    return payload if kind == "capabilities" else str(payload)
+
+
+def _ask_engine(spec: LoadSpec | None, allocate: bool, timeout: float) -> tuple[str, Any]:
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe()
     process = ctx.Process(
-        target=dry_run_main,
-        args=(child_conn, spec, allocate),
-        daemon=True,
-        name="executor-dry-run",
+        target=dry_run_main, args=(child_conn, spec, allocate), daemon=True, name="executor-dry-run"
     )
     process.start()
     child_conn.close()
     try:
         if not parent_conn.poll(timeout):
-            return "the dry run did not answer in time"
-        kind, payload = parent_conn.recv()
+            return "error", "llama.cpp did not answer in time"
+        return parent_conn.recv()
     except (EOFError, OSError):
         process.join(5)
-        return f"the dry run process {describe_exit(process.exitcode)}"
+        return "error", f"the llama.cpp process {describe_exit(process.exitcode)}"
     finally:
         if process.is_alive():
             process.kill()
         process.join()
         parent_conn.close()
-    return payload if kind == "dry_run" else str(payload)
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -187,6 +187,7 @@ class Worker:
         requests = [
             GenerationRequest.build(i.id, i.custom_id, i.request, job.params) for i in batch
         ]
+        params = {r.item_id: r.params for r in requests}
         pending = {item.id for item in batch}  # claimed, no outcome yet
         in_flight: set[int] = set()  # started in the model process
         heartbeat_every = self.settings.lease_seconds / 3
@@ -203,6 +204,7 @@ class Worker:
                     result=event.record,
                     model_sha256=loaded.sha256,
                     load_id=loaded.load_id,
+                    params=params[event.item_id],
                 )
                 self._settled(event.item_id, pending, in_flight)
                 if recorded:
@@ -300,11 +302,16 @@ class Worker:
 
     def _ensure_model(self, job: Job) -> bool:
         """Have the job's model loaded; if it cannot load at all, the job fails with why."""
-        if self.loaded is not None and self.loaded.model_path == job.model:
+        overrides = job.params.get("load") or {}
+        if (
+            self.loaded is not None
+            and self.loaded.model_path == job.model
+            and self.loaded.overrides == overrides
+        ):
             return True
         self._unload()
         try:
-            self.loaded = self.loader.load(job.model)
+            self.loaded = self.loader.load(job.model, overrides)
         except ModelError as exc:
             if self.stopping:
                 return False

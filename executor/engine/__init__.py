@@ -55,6 +55,22 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     stop: list[str] = field(default_factory=list)
+    json_schema: dict[str, Any] | None = None  # constrain the output to this JSON schema
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The generation parameters, for the result's provenance."""
+        params: dict[str, Any] = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
+        if self.stop:
+            params["stop"] = self.stop
+        if self.json_schema is not None:
+            params["json_schema"] = self.json_schema
+        return params
 
     @property
     def text(self) -> str:
@@ -79,6 +95,7 @@ class GenerationRequest:
             top_p=float(params["top_p"]),
             seed=int(params["seed"]),
             stop=list(params.get("stop") or []),
+            json_schema=request.get("json_schema", defaults.get("json_schema")),
         )
 
 

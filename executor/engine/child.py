@@ -97,14 +97,18 @@ class _PipeSink:
         return self.stop
 
 
-def dry_run_main(conn: Connection, spec: LoadSpec, allocate: bool = False) -> None:
-    """Entry point of a short-lived process that asks llama.cpp for a dry run."""
+def dry_run_main(conn: Connection, spec: LoadSpec | None, allocate: bool = False) -> None:
+    """Entry point of a short-lived process that asks llama.cpp for a dry run (or, without a
+    spec, what the build can do)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     try:
-        from executor.engine.llama import dry_run
+        from executor.engine.llama import capabilities, dry_run
 
-        conn.send(("dry_run", dry_run(spec, allocate=allocate)))
+        if spec is None:
+            conn.send(("capabilities", capabilities()))
+        else:
+            conn.send(("dry_run", dry_run(spec, allocate=allocate)))
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import time
@@ -13,6 +14,7 @@ import llama_cpp
 from llama_cpp import _logger as llama_logger
 from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from executor.engine import BatchSink, DryRun, GenerationRequest, ItemError, LoadError, LoadSpec
 from executor.engine.faults import Faults
@@ -126,7 +128,13 @@ class LlamaEngine:
             return
         finally:
             self._prompts.pop(request.item_id, None)
+        try:
+            sampler = _sampler(request, self.vocab)
+        except ItemError as exc:
+            sink.failed(request.item_id, str(exc))
+            return
         if len(tokens) >= self.spec.n_ctx:
+            llama_cpp.llama_sampler_free(sampler)
             sink.failed(
                 request.item_id,
                 f"prompt is {len(tokens)} tokens; the context holds "
@@ -134,7 +142,7 @@ class LlamaEngine:
             )
             return
         reused = self._reuse_prefix(slot, tokens)
-        slot.start(request, tokens, reused, extra_stops, _sampler(request))
+        slot.start(request, tokens, reused, extra_stops, sampler)
 
     def _prompt(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
         """prompt_tokens, computed once per request (admission may look at it several times)."""
@@ -347,10 +355,22 @@ def context_params(spec: LoadSpec) -> Any:
     return cparams
 
 
-def _sampler(request: GenerationRequest) -> Any:
-    """The sampler chain create_completion builds for these parameters (same order)."""
+def _sampler(request: GenerationRequest, vocab: Any) -> Any:
+    """The sampler chain create_completion builds for these parameters (same order), with a
+    grammar first when the request asks for JSON of a schema."""
+    grammar = None
+    if request.json_schema is not None:
+        try:
+            gbnf = json_schema_to_gbnf(json.dumps(request.json_schema))
+        except Exception as exc:  # the converter raises plain errors for unsupported schemas
+            raise ItemError(f"json_schema cannot be turned into a grammar: {exc}") from None
+        grammar = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+        if not grammar:
+            raise ItemError("json_schema: llama.cpp rejected the grammar made from it")
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
+    if grammar is not None:
+        add(chain, grammar)
     if request.temperature == 0:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
@@ -402,6 +422,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def capabilities() -> dict[str, Any]:
+    """What this llama-cpp-python build can do (for `executor doctor`)."""
+    return {
+        "version": llama_cpp.__version__,
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+    }
 
 
 def dry_run(spec: LoadSpec, *, allocate: bool = False) -> DryRun:

@@ -19,6 +19,7 @@ from executor.store.schema import (
     JobStatus,
     items,
     jobs,
+    loads,
     results,
     utcnow,
 )
@@ -369,6 +370,7 @@ def complete(
     result: ResultRecord,
     model_sha256: str,
     load_id: int | None = None,
+    params: dict[str, Any] | None = None,
 ) -> bool:
     """Checkpoint one finished item; False if its lease was lost (cancelled, reclaimed)."""
     now = utcnow()
@@ -389,6 +391,7 @@ def complete(
                 model_sha256=model_sha256,
                 worker_id=owner,
                 load_id=load_id,
+                params=params,
                 created_at=now,
             )
         )
@@ -527,7 +530,8 @@ def _finish_job_if_complete(conn: sa.Connection, job_id: int, now: datetime) -> 
 
 
 def export_rows(db: Database, job_id: int, statuses: Iterable[ItemStatus]) -> Iterator[sa.Row[Any]]:
-    """Items of a job with their results, in input order, streamed in chunks."""
+    """Items of a job with their results and the load they ran under, in input order,
+    streamed in chunks."""
     query = (
         sa.select(
             items.c.line,
@@ -543,8 +547,19 @@ def export_rows(db: Database, job_id: int, statuses: Iterable[ItemStatus]) -> It
             results.c.generation_ms,
             results.c.total_ms,
             results.c.model_sha256,
+            results.c.params,
+            results.c.created_at,
+            results.c.load_id,
+            loads.c.n_gpu_layers,
+            loads.c.parallel,
+            loads.c.n_ctx,
+            loads.c.vram_cap,
+            loads.c.gpu_name,
+            loads.c.predicted_vram,
+            loads.c.measured_vram,
         )
         .outerjoin(results, results.c.item_id == items.c.id)
+        .outerjoin(loads, loads.c.id == results.c.load_id)
         .where(items.c.job_id == job_id, items.c.status.in_(list(statuses)))
         .order_by(items.c.line)
     )

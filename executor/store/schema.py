@@ -116,6 +116,8 @@ results = sa.Table(
     sa.Column("generation_ms", sa.Float, nullable=True),  # token generation
     sa.Column("total_ms", sa.Float, nullable=False),  # wall time in the model process
     sa.Column("model_sha256", sa.String(64), nullable=False),
+    # The generation parameters the item ran with (job defaults + its line's own).
+    sa.Column("params", sa.JSON, nullable=True),
     sa.Column("worker_id", sa.String(200), nullable=True),
     # The model load (plan, layers, measured VRAM) this result ran under.
     sa.Column("load_id", sa.Integer, sa.ForeignKey("loads.id", ondelete="SET NULL"), nullable=True),
