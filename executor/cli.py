@@ -201,6 +201,14 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    min_vram: Annotated[
+        str | None,
+        typer.Option(
+            "--min-vram",
+            help="Only workers whose GPU has this much memory take the job (e.g. 40GiB).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     db: DbOpt = None,
     config: ConfigOpt = None,
@@ -239,6 +247,7 @@ def submit(
             force=force,
             skip_invalid=skip_invalid,
             json_schema=_schema_file(json_schema),
+            min_vram=_size_flag(min_vram, "--min-vram"),
         )
     if as_json:
         _print_json(result.__dict__)
@@ -252,6 +261,18 @@ def submit(
             " not queued again (--force to queue anew)"
         )
     typer.echo(result.job_id)
+
+
+def _size_flag(value: str | None, flag: str) -> int | None:
+    from executor.errors import UsageError
+    from executor.units import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _schema_file(path: str | None) -> dict[str, Any] | None:
@@ -756,6 +777,37 @@ def doctor(
         typer.echo(format_checks(checks))
     if any(c.state == "FAIL" for c in checks):
         raise typer.Exit(ExitCode.CHECK_FAILED)
+
+
+@app.command()
+def workers(
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List workers, live first: host, GPU, model loaded, current job, tokens/s, heartbeat.
+
+    A worker is live while its heartbeat (every third of --lease-seconds) is recent.
+    """
+    from executor.store import workers as registry
+
+    settings = _settings(config, db=db)
+    rows = registry.listing(_open(settings), alive_within=settings.lease_seconds)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no workers have run on this database yet")
+        return
+    typer.echo(f"{'STATE':8} {'HOST':16} {'GPU':28} {'JOB':>5} {'TOK/S':>7} {'BEAT':>8}  MODEL")
+    for r in rows:
+        state = "live" if r["alive"] else ("stopped" if r["stopped_at"] else "dead")
+        gpu = f"{r['gpu_name'] or 'cpu'} {r['gpu_uuid'][:12] if r['gpu_uuid'] != 'cpu' else ''}"
+        typer.echo(
+            f"{state:8} {r['host'][:16]:16} {gpu.strip()[:28]:28} {r['job_id'] or '-':>5} "
+            f"{r['tokens_per_s'] if r['tokens_per_s'] is not None else '-':>7} "
+            f"{r['heartbeat_age_s']:>7.0f}s  {Path(r['model']).name if r['model'] else '-'}"
+        )
 
 
 @app.command()

@@ -156,6 +156,7 @@ OPTIONS: dict[str, Option] = {
     "gpu_layers": Option(
         _gpu_layers, "auto", "layers on the GPU: auto (planned), all, or a number"
     ),
+    "gpu": Option(_int(0), 0, "the GPU this worker uses (nvidia-smi's index)"),
     "vram_cap": Option(_optional(_cap), None, "VRAM ceiling: 11.5GiB, 12GB, bytes or 90%"),
     "parallel": Option(
         _parallel, "auto", "sequences decoded together: auto (from the plan) or a number"
@@ -198,6 +199,7 @@ class Settings:
     engine: str
     ctx: int
     gpu_layers: int | str
+    gpu: int
     vram_cap: str | None
     parallel: int | str
     flash_attn: str

@@ -87,6 +87,14 @@ def probe(nvml: Any | None = None) -> Probe:
             nvml.nvmlShutdown()
 
 
+def pick(found: Probe, index: int) -> GpuInfo | None:
+    """The GPU a worker uses (`--gpu`, nvidia-smi's index); None without GPUs."""
+    for card in found.gpus:
+        if card.index == index:
+            return card
+    return None
+
+
 def process_vram(pid: int, uuid: str, nvml: Any | None = None) -> int | None:
     """Bytes of VRAM process `pid` holds on GPU `uuid`, per NVML (None if NVML cannot say)."""
     try:

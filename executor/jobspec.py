@@ -24,10 +24,12 @@ import yaml
 
 from executor.config import OPTIONS, Settings, load_settings
 from executor.errors import ConfigError
+from executor.units import parse_size
 
 GENERATION_KEYS = ("max_tokens", "temperature", "top_p", "seed")
 LOAD_KEYS = ("ctx", "parallel", "vram_cap")
 SPEC_KEYS = (
+    "min_vram",
     "name",
     "input",
     "model",
@@ -56,6 +58,7 @@ class JobSpec:
     errors: Path | None
     with_provenance: bool
     include_failed: bool
+    min_vram: int | None = None  # only workers with a GPU this large take the job
 
     @property
     def load(self) -> dict[str, Any]:
@@ -130,7 +133,15 @@ def read_spec(path: str | Path) -> JobSpec:
         errors=_path(base, data["errors"], where("errors")) if "errors" in data else None,
         with_provenance=bool(data.get("with_provenance", False)),
         include_failed=bool(data.get("include_failed", False)),
+        min_vram=_size(data["min_vram"], where("min_vram")) if "min_vram" in data else None,
     )
+
+
+def _size(value: Any, where: str) -> int:
+    try:
+        return parse_size(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _text(value: Any, where: str) -> str:

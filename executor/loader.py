@@ -172,6 +172,7 @@ class ModelLoader:
             layers,
             parallel=parallel,
             flash_attn=flash_attn_for(settings, device),
+            gpu_uuid=device.uuid if device else None,
         )
         self.processes += 1
         proc = ModelProcess(

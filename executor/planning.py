@@ -61,6 +61,7 @@ def load_spec(
     *,
     flash_attn: bool,
     parallel: int,
+    gpu_uuid: str | None = None,
 ) -> LoadSpec:
     """The model process's load parameters from the settings."""
     return LoadSpec(
@@ -76,6 +77,7 @@ def load_spec(
         flash_attn=flash_attn,
         cache_type_k=settings.cache_type,
         cache_type_v=settings.cache_type,
+        gpu_uuid=gpu_uuid,
     )
 
 
@@ -120,7 +122,8 @@ def plan_for(
         )
     else:
         probe = gpu.probe(nvml)
-        device = probe.first.as_device() if probe.first else None
+        card = gpu.pick(probe, settings.gpu)
+        device = card.as_device() if card else None
     cap = (
         parse_cap(settings.vram_cap).resolve(device.total) if settings.vram_cap and device else None
     )

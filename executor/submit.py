@@ -37,6 +37,7 @@ def submit(
     skip_invalid: bool = False,
     json_schema: dict[str, Any] | None = None,
     load: dict[str, Any] | None = None,
+    min_vram: int | None = None,
 ) -> Submitted:
     """Validate `source` (a path or '-') and enqueue it; nothing is written if any line is bad.
 
@@ -73,6 +74,8 @@ def submit(
             params["json_schema"] = json_schema
         if load:
             params["load"] = load
+        if min_vram:
+            params["min_vram"] = min_vram
         fingerprint = _fingerprint(scan.sha256, str(model), params)
         if not force:
             existing = queue.find_job(db, fingerprint)
@@ -87,6 +90,7 @@ def submit(
             input_sha256=scan.sha256,
             fingerprint=fingerprint,
             new_items=_new_items(prompts, scan.sha256),
+            min_vram=min_vram,
         )
         return Submitted(job_id, True, scan.valid + scan.invalid, scan.invalid)
     finally:
@@ -131,6 +135,7 @@ def submit_spec(
         skip_invalid=skip_invalid,
         json_schema=spec.json_schema,
         load=spec.load,
+        min_vram=spec.min_vram,
     )
 
 

@@ -7,24 +7,25 @@ stop now, releasing everything.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from executor import gpu
 from executor.config import Settings, xdg_dir
 from executor.engine import GenerationRequest
-from executor.errors import LockedError, ModelError
+from executor.errors import ModelError
 from executor.loader import Loaded, ModelLoader
+from executor.locks import worker_lock
 from executor.progress import Progress
 from executor.store import Database, queue
+from executor.store import workers as registry
 from executor.store.queue import ClaimedItem, Job
 from executor.store.schema import JobStatus
 from executor.supervisor import BatchDone, Died, Finished, ItemFailed, Started, Tick
@@ -49,49 +50,10 @@ class RunSummary:
     stopped_by_signal: bool = False
 
 
-def lock_path(db: Database) -> Path:
-    """The worker lock: next to a SQLite file, else in the XDG state folder."""
-    if db.sqlite_path is not None:
-        return db.sqlite_path.with_name(db.sqlite_path.name + ".lock")
-    return xdg_dir("state") / "worker.lock"
-
-
 def engine_log_path(db: Database) -> Path:
     """Where the model process writes (llama.cpp's log included), one file per database."""
     tag = hashlib.sha256(str(db.url).encode()).hexdigest()[:10]
     return xdg_dir("state") / f"engine-{tag}.log"
-
-
-@contextmanager
-def worker_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock for the whole run; a second worker gets LockedError at once.
-
-    The kernel drops a flock when its holder dies, even by SIGKILL, so a stale lock file never
-    blocks the next run. The file is left in place: deleting it would race with a new holder.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(fd)
-        raise LockedError(
-            f"another executor run is already working on this database ({holder})",
-            hint=f"wait for it, or stop it; the lock is {path}",
-        ) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(
-            fd,
-            f"pid {os.getpid()} on {socket.gethostname()}, since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
-            0,
-        )
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 class Worker:
@@ -104,18 +66,24 @@ class Worker:
         options: RunOptions,
         progress: Progress,
         loader: ModelLoader | None = None,
+        nvml: Any | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.options = options
         self.progress = progress
-        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.card = gpu.pick(gpu.probe(nvml), settings.gpu)
+        self.host = socket.gethostname()
+        # The worker's identity, and the owner of its leases: one worker per GPU per host.
+        self.id = f"{self.host}:{self.card.uuid if self.card else 'cpu'}"
         self.signals = 0
         self.summary = RunSummary()
         self.loader = loader or ModelLoader(
-            settings, db, self.id, engine_log_path(db), stopping=lambda: self.stopping
+            settings, db, self.id, engine_log_path(db), nvml=nvml, stopping=lambda: self.stopping
         )
         self.loaded: Loaded | None = None
+        self.job: Job | None = None
+        self._housekept = 0.0
 
     # Signal handlers only count; everything else happens in the loop.
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -127,30 +95,53 @@ class Worker:
 
     def run(self) -> RunSummary:
         """Work until the queue is empty (--until-empty), --max-items, or a signal."""
-        with worker_lock(lock_path(self.db)):
-            reclaimed = queue.reclaim_stale(self.db, everything=self.db.is_sqlite)
+        with worker_lock(self.db, self.id):
+            # Holding the lock means no other worker runs as us: our old leases are stale
+            # (and on SQLite, the only worker, every lease is).
+            reclaimed = queue.reclaim_stale(self.db, everything=self.db.is_sqlite, owner=self.id)
             if reclaimed:
                 log.info("returned %d items left running by a dead worker to the queue", reclaimed)
+            registry.register(
+                self.db,
+                self.id,
+                host=self.host,
+                gpu_uuid=self.card.uuid if self.card else "cpu",
+                gpu_name=self.card.name if self.card else None,
+                vram_total=self.card.total if self.card else None,
+                pid=os.getpid(),
+            )
             try:
                 self._loop()
             finally:
                 self.progress.end_job()
                 self._unload()
+                registry.stopped(self.db, self.id)
         self.summary.stopped_by_signal = self.stopping
         return self.summary
 
     def _loop(self) -> None:
         while not self.stopping and not self._reached_max():
+            self._housekeeping()
             job = queue.next_job(
                 self.db,
                 job_id=self.options.job_id,
                 prefer_model=self.loaded.model_path if self.loaded else None,
+                vram=self.card.total if self.card else None,
             )
+            self.job = job
             if job is None:
-                if self.options.until_empty:
+                # Other workers' leases may still come back (a dead worker's expire): drain
+                # means nothing queued and nothing leased anywhere.
+                if self.options.until_empty and not queue.running_items(
+                    self.db, self.options.job_id
+                ):
                     return
                 self.progress.end_job()
-                self._sleep(self.settings.poll_seconds)
+                self._sleep(
+                    min(self.settings.poll_seconds, self.settings.lease_seconds / 3)
+                    if self.options.until_empty
+                    else self.settings.poll_seconds
+                )
                 continue
             if not self._ensure_model(job):
                 continue
@@ -231,6 +222,7 @@ class Worker:
                 break
             elif isinstance(event, Tick):
                 self.progress.tick()
+                self._housekeeping()
             if self.stopping and stop_deadline is None:
                 stop_deadline = time.monotonic() + self.options.stop_timeout
                 self._release_unstarted(pending, in_flight, "stopping")
@@ -248,6 +240,25 @@ class Worker:
                 last_heartbeat = time.monotonic()
         # Whatever the model process skipped (dropped items) goes back to the queue.
         self._release(pending, pending)
+
+    def _housekeeping(self) -> None:
+        """Every third of a lease: heartbeat in the registry, and return expired leases of
+        dead workers to the queue (on PostgreSQL, where several workers share it)."""
+        now = time.monotonic()
+        if now - self._housekept < self.settings.lease_seconds / 3:
+            return
+        self._housekept = now
+        registry.heartbeat(
+            self.db,
+            self.id,
+            model=self.loaded.model_path if self.loaded else None,
+            job_id=self.job.id if self.job else None,
+            tokens_per_s=round(self.progress.rate.tokens_per_s, 2) if self.job else None,
+        )
+        if not self.db.is_sqlite:
+            reclaimed = queue.reclaim_stale(self.db)
+            if reclaimed:
+                log.info("returned %d items with expired leases to the queue", reclaimed)
 
     def _settled(self, item_id: int, pending: set[int], in_flight: set[int]) -> None:
         pending.discard(item_id)

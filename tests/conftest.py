@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from executor.config import load_settings
 from executor.models import DEFAULT_MODEL, default_model_candidates
 from executor.store import Database, open_database
+from tests.pg_server import PgServer
 from tests.synthetic_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +46,68 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def db(db_path: Path) -> Iterator[Database]:
     database = open_database(f"sqlite:///{db_path}")
+    yield database
+    database.dispose()
+
+
+class PgDatabases:
+    """Fresh PostgreSQL databases for tests, copied from a template already at head."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.count = 0
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql("DROP DATABASE IF EXISTS executor_template")
+            conn.exec_driver_sql("CREATE DATABASE executor_template")
+        open_database(self.url("executor_template")).dispose()
+
+    def url(self, name: str) -> str:
+        return self.admin.url.set(database=name).render_as_string(hide_password=False)
+
+    def create(self, blank: bool = False) -> str:
+        self.count += 1
+        name = f"executor_test_{os.getpid()}_{self.count}"
+        template = "template0" if blank else "executor_template"
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name} TEMPLATE {template}")
+        return self.url(name)
+
+    def drop(self, url: str) -> None:
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(
+                f"DROP DATABASE IF EXISTS {sa.make_url(url).database} WITH (FORCE)"
+            )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgDatabases]:
+    """A PostgreSQL server for the session (EXECUTOR_TEST_PG_URL, or a throwaway one)."""
+    external = os.environ.get("EXECUTOR_TEST_PG_URL")
+    server = None if external else PgServer()
+    try:
+        databases = PgDatabases(external or server.url())
+        yield databases
+        databases.admin.dispose()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PgDatabases) -> Iterator[str]:
+    """A fresh PostgreSQL database at head, dropped afterwards."""
+    url = postgres.create()
+    yield url
+    postgres.drop(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Database]:
+    """The same queue tests on both backends (as huey tests its storages)."""
+    if request.param == "sqlite":
+        database = open_database(f"sqlite:///{db_path}")
+    else:
+        database = open_database(request.getfixturevalue("pg_url"))
     yield database
     database.dispose()
 

@@ -296,8 +296,8 @@ def test_stop_timeout_bounds_the_wait(tmp_path, db_path, model_1b):
 
 
 def test_five_runs_at_once_exactly_one_loads(tmp_path, db_path, model_1b):
-    submit(tmp_path, db_path, model_1b, 6, words=5)
-    env = fake_env(EXECUTOR_FAKE_TOKEN_SECONDS="0.05")
+    submit(tmp_path, db_path, model_1b, 6, words=20)
+    env = fake_env(EXECUTOR_FAKE_TOKEN_SECONDS="0.05", EXECUTOR_PARALLEL="1")
     run_cli("db", "upgrade", db_path=db_path, check=True)
     workers = [start_cli("run", "--until-empty", db_path=db_path, env=env) for _ in range(5)]
     codes = [w.wait(timeout=120) for w in workers]

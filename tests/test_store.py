@@ -62,53 +62,62 @@ def test_write_transactions_begin_immediate(db: Database, db_path: Path):
     other.execute("ROLLBACK")
 
 
-def test_upgrade_twice_is_a_no_op(db: Database):
-    db.upgrade()
-    assert db.revision() == head_revision()
+def test_upgrade_twice_is_a_no_op(store: Database):
+    store.upgrade()
+    assert store.revision() == head_revision()
 
 
-def test_claim_leases_in_input_order_and_starts_the_job(db: Database):
-    job_id = make_job(db, 5)
-    first = queue.claim(db, job_id, limit=2, owner="w1", lease_seconds=60)
-    second = queue.claim(db, job_id, limit=10, owner="w1", lease_seconds=60)
+def test_claim_leases_in_input_order_and_starts_the_job(store: Database):
+    job_id = make_job(store, 5)
+    first = queue.claim(store, job_id, limit=2, owner="w1", lease_seconds=60)
+    second = queue.claim(store, job_id, limit=10, owner="w1", lease_seconds=60)
     assert [i.line for i in first] == [1, 2]
     assert [i.line for i in second] == [3, 4, 5]
-    assert queue.claim(db, job_id, limit=10, owner="w1", lease_seconds=60) == []
-    job = queue.get_job(db, job_id)
+    assert queue.claim(store, job_id, limit=10, owner="w1", lease_seconds=60) == []
+    job = queue.get_job(store, job_id)
     assert job.status == JobStatus.RUNNING and job.started_at is not None
-    assert queue.leases_held(db, "w1") == 5
+    assert queue.leases_held(store, "w1") == 5
 
 
-def test_complete_checkpoints_once_and_finishes_the_job(db: Database):
-    job_id = make_job(db, 2)
-    a, b = queue.claim(db, job_id, limit=2, owner="w1", lease_seconds=60)
-    assert queue.complete(db, a.id, owner="w1", result=RESULT, model_sha256="s" * 64)
-    assert not queue.complete(db, a.id, owner="w1", result=RESULT, model_sha256="s" * 64)
-    assert queue.get_job(db, job_id).status == JobStatus.RUNNING
-    assert queue.fail_item(db, b.id, owner="w1", error="too long")
-    job = queue.get_job(db, job_id)
+def test_complete_checkpoints_once_and_finishes_the_job(store: Database):
+    job_id = make_job(store, 2)
+    a, b = queue.claim(store, job_id, limit=2, owner="w1", lease_seconds=60)
+    assert queue.complete(store, a.id, owner="w1", result=RESULT, model_sha256="s" * 64)
+    assert not queue.complete(store, a.id, owner="w1", result=RESULT, model_sha256="s" * 64)
+    assert queue.get_job(store, job_id).status == JobStatus.RUNNING
+    assert queue.fail_item(store, b.id, owner="w1", error="too long")
+    job = queue.get_job(store, job_id)
     assert job.status == JobStatus.DONE and job.finished_at is not None
-    (state,) = queue.progress(db, [job])
+    (state,) = queue.progress(store, [job])
     assert state.counts == {ItemStatus.DONE: 1, ItemStatus.FAILED: 1}
     assert (state.prompt_tokens, state.completion_tokens) == (3, 5)
 
 
-def test_a_result_needs_the_lease(db: Database):
-    job_id = make_job(db, 1)
-    (item,) = queue.claim(db, job_id, limit=1, owner="w1", lease_seconds=60)
-    assert not queue.complete(db, item.id, owner="someone-else", result=RESULT, model_sha256="s")
+def test_a_result_needs_the_lease(store: Database):
+    job_id = make_job(store, 1)
+    (item,) = queue.claim(store, job_id, limit=1, owner="w1", lease_seconds=60)
+    assert not queue.complete(store, item.id, owner="someone-else", result=RESULT, model_sha256="s")
 
 
-def test_release_counts_attempts_and_fails_poison_items(db: Database):
-    job_id = make_job(db, 2)
-    for attempt in range(1, 4):
-        claimed = queue.claim(db, job_id, limit=2, owner="w", lease_seconds=60)
+def test_release_counts_attempts_and_fails_poison_items(store: Database):
+    job_id = make_job(store, 2)
+    first, second = queue.claim(store, job_id, limit=2, owner="w", lease_seconds=60)
+    assert queue.release(store, [first.id], owner="w", error="crash", count_attempt=True) == []
+    queue.release(store, [second.id], owner="w")
+    # A suspect (it was in flight at a crash) is claimed alone; others never with it.
+    assert [i.id for i in queue.claim(store, job_id, limit=5, owner="w", lease_seconds=60)] == [
+        second.id
+    ]
+    queue.release(store, [second.id], owner="w")
+    for attempt in (2, 3):
+        (suspect,) = queue.claim(store, job_id, limit=5, owner="w", lease_seconds=60, suspects=True)
+        assert suspect.id == first.id and suspect.attempts == attempt - 1
         poisoned = queue.release(
-            db, [claimed[0].id], owner="w", error="crash", count_attempt=True, max_attempts=3
+            store, [first.id], owner="w", error="crash", count_attempt=True, max_attempts=3
         )
-        queue.release(db, [claimed[1].id], owner="w")
-        assert poisoned == ([claimed[0].id] if attempt == 3 else [])
-    with db.read() as conn:
+        assert poisoned == ([first.id] if attempt == 3 else [])
+    assert queue.claim(store, job_id, limit=5, owner="w", lease_seconds=60, suspects=True) == []
+    with store.read() as conn:
         rows = conn.execute(
             sa.select(items.c.line, items.c.status, items.c.attempts, items.c.error).order_by(
                 items.c.line
@@ -119,38 +128,60 @@ def test_release_counts_attempts_and_fails_poison_items(db: Database):
     assert rows[1][:3] == (2, ItemStatus.QUEUED, 0)
 
 
-def test_expired_leases_are_reclaimed(db: Database):
-    job_id = make_job(db, 3)
-    queue.claim(db, job_id, limit=3, owner="dead", lease_seconds=60)
-    assert queue.reclaim_stale(db) == 0
-    with db.write() as conn:
+def test_reclaim_own_identity_and_min_vram(store: Database):
+    job_id = make_job(store, 2)
+    queue.claim(store, job_id, limit=1, owner="host:GPU-1", lease_seconds=600)
+    queue.claim(store, job_id, limit=1, owner="host:GPU-2", lease_seconds=600)
+    assert queue.reclaim_stale(store, owner="host:GPU-1") == 1  # its own dead self's lease only
+    assert queue.running_items(store) == 1
+    big = queue.create_job(
+        store,
+        name=None,
+        model="/m",
+        params={},
+        input_path="-",
+        input_sha256="0" * 64,
+        fingerprint="g" * 64,
+        min_vram=40 * 2**30,
+        new_items=[NewItem(1, "1", {"prompt": "x"})],
+    )
+    assert queue.next_job(store, job_id=big, vram=24 * 2**30) is None
+    assert queue.next_job(store, job_id=big, vram=None) is None
+    assert queue.next_job(store, job_id=big, vram=80 * 2**30).id == big
+
+
+def test_expired_leases_are_reclaimed(store: Database):
+    job_id = make_job(store, 3)
+    queue.claim(store, job_id, limit=3, owner="dead", lease_seconds=60)
+    assert queue.reclaim_stale(store) == 0
+    with store.write() as conn:
         conn.execute(sa.update(items).values(lease_until=utcnow() - timedelta(seconds=1)))
-    assert queue.reclaim_stale(db) == 3
-    assert len(queue.claim(db, job_id, limit=5, owner="w2", lease_seconds=60)) == 3
+    assert queue.reclaim_stale(store) == 3
+    assert len(queue.claim(store, job_id, limit=5, owner="w2", lease_seconds=60)) == 3
 
 
-def test_renew_extends_only_own_leases(db: Database):
-    job_id = make_job(db, 2)
-    a, b = queue.claim(db, job_id, limit=2, owner="w1", lease_seconds=1)
-    assert queue.renew_leases(db, [a.id, b.id], owner="w1", lease_seconds=600) == 2
-    assert queue.renew_leases(db, [a.id], owner="w2", lease_seconds=600) == 0
-    assert queue.reclaim_stale(db) == 0
+def test_renew_extends_only_own_leases(store: Database):
+    job_id = make_job(store, 2)
+    a, b = queue.claim(store, job_id, limit=2, owner="w1", lease_seconds=1)
+    assert queue.renew_leases(store, [a.id, b.id], owner="w1", lease_seconds=600) == 2
+    assert queue.renew_leases(store, [a.id], owner="w2", lease_seconds=600) == 0
+    assert queue.reclaim_stale(store) == 0
 
 
-def test_cancel_and_retry(db: Database):
-    job_id = make_job(db, 3)
-    (a,) = queue.claim(db, job_id, limit=1, owner="w", lease_seconds=60)
-    assert queue.cancel_job(db, job_id) == 3
-    assert not queue.complete(db, a.id, owner="w", result=RESULT, model_sha256="s")
-    assert queue.next_job(db) is None
-    assert queue.retry_job(db, job_id) == 3
-    assert queue.get_job(db, job_id).status == JobStatus.QUEUED
-    assert queue.next_job(db).id == job_id
+def test_cancel_and_retry(store: Database):
+    job_id = make_job(store, 3)
+    (a,) = queue.claim(store, job_id, limit=1, owner="w", lease_seconds=60)
+    assert queue.cancel_job(store, job_id) == 3
+    assert not queue.complete(store, a.id, owner="w", result=RESULT, model_sha256="s")
+    assert queue.next_job(store) is None
+    assert queue.retry_job(store, job_id) == 3
+    assert queue.get_job(store, job_id).status == JobStatus.QUEUED
+    assert queue.next_job(store).id == job_id
 
 
-def test_invalid_items_count_as_finished_and_are_never_retried(db: Database):
+def test_invalid_items_count_as_finished_and_are_never_retried(store: Database):
     job_id = queue.create_job(
-        db,
+        store,
         name=None,
         model="/m",
         params={},
@@ -159,14 +190,14 @@ def test_invalid_items_count_as_finished_and_are_never_retried(db: Database):
         fingerprint="x" * 64,
         new_items=[NewItem(1, "1", {"raw": "nope"}, ItemStatus.INVALID, "not valid JSON")],
     )
-    assert queue.get_job(db, job_id).status == JobStatus.DONE
-    assert queue.retry_job(db, job_id) == 0
+    assert queue.get_job(store, job_id).status == JobStatus.DONE
+    assert queue.retry_job(store, job_id) == 0
 
 
-def test_next_job_prefers_the_loaded_model(db: Database):
-    first = make_job(db, 1, fingerprint="a" * 64)
+def test_next_job_prefers_the_loaded_model(store: Database):
+    first = make_job(store, 1, fingerprint="a" * 64)
     second = queue.create_job(
-        db,
+        store,
         name=None,
         model="/other.gguf",
         params={},
@@ -175,28 +206,28 @@ def test_next_job_prefers_the_loaded_model(db: Database):
         fingerprint="b" * 64,
         new_items=[NewItem(1, "1", {"prompt": "x"})],
     )
-    assert queue.next_job(db).id == first
-    assert queue.next_job(db, prefer_model="/other.gguf").id == second
-    assert queue.next_job(db, job_id=first, prefer_model="/other.gguf").id == first
+    assert queue.next_job(store).id == first
+    assert queue.next_job(store, prefer_model="/other.gguf").id == second
+    assert queue.next_job(store, job_id=first, prefer_model="/other.gguf").id == first
 
 
-def test_export_rows_in_input_order(db: Database):
-    job_id = make_job(db, 3)
-    claimed = queue.claim(db, job_id, limit=3, owner="w", lease_seconds=60)
+def test_export_rows_in_input_order(store: Database):
+    job_id = make_job(store, 3)
+    claimed = queue.claim(store, job_id, limit=3, owner="w", lease_seconds=60)
     for item in reversed(claimed):
-        queue.complete(db, item.id, owner="w", result=RESULT, model_sha256="s")
-    rows = list(queue.export_rows(db, job_id, [ItemStatus.DONE]))
+        queue.complete(store, item.id, owner="w", result=RESULT, model_sha256="s")
+    rows = list(queue.export_rows(store, job_id, [ItemStatus.DONE]))
     assert [r.custom_id for r in rows] == ["c1", "c2", "c3"]
 
 
-def test_create_job_is_all_or_nothing(db: Database):
+def test_create_job_is_all_or_nothing(store: Database):
     def items_then_error():
         yield NewItem(1, "1", {"prompt": "a"})
         raise RuntimeError("file changed")
 
     with pytest.raises(RuntimeError):
         queue.create_job(
-            db,
+            store,
             name=None,
             model="/m",
             params={},
@@ -205,6 +236,6 @@ def test_create_job_is_all_or_nothing(db: Database):
             fingerprint="z" * 64,
             new_items=items_then_error(),
         )
-    assert queue.list_jobs(db) == []
-    with db.read() as conn:
+    assert queue.list_jobs(store) == []
+    with store.read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(items)).scalar() == 0

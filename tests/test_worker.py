@@ -148,7 +148,12 @@ def test_second_run_exits_with_lock_code_without_loading(tmp_path, db_path, tiny
     submit(tmp_path, db_path, tiny_model, prompts(6, words=5))
     state = tmp_path / "xdg" / "state"
     first = start_cli(
-        "run", "--until-empty", db_path=db_path, env={**FAKE, "EXECUTOR_FAKE_TOKEN_SECONDS": "0.1"}
+        "run",
+        "--until-empty",
+        "--parallel",
+        "1",
+        db_path=db_path,
+        env={**FAKE, "EXECUTOR_FAKE_TOKEN_SECONDS": "0.1"},
     )
     wait_for(lambda: model_pids(state), what="the first model process")
     started = time.monotonic()

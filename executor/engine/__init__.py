@@ -40,6 +40,7 @@ class LoadSpec:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     op_offload: bool = True
+    gpu_uuid: str | None = None  # the one GPU the model process may see
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ def main(conn: Connection, spec: LoadSpec, log_path: str, faults: Faults | None 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    if spec.gpu_uuid and spec.gpu_uuid != "planned":
+        # CUDA then sees only this worker's GPU (UUIDs avoid CUDA/NVML index mismatches).
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu_uuid
     print(f"executor model process {os.getpid()}: loading {spec}", file=sys.stderr, flush=True)
     try:
         engine = create_engine(spec, faults)

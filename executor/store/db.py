@@ -19,6 +19,7 @@ from executor.errors import DatabaseError
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000
+MIGRATION_LOCK = 720_001  # PostgreSQL advisory lock key held while migrating
 
 
 class Database:
@@ -65,6 +66,9 @@ class Database:
             try:
                 conn.execution_options(sqlite_immediate=True)
                 with conn.begin():
+                    if not self.is_sqlite:
+                        # Workers starting together must not migrate at the same time.
+                        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
             finally:

@@ -39,6 +39,7 @@ class Job:
     fingerprint: str
     status: JobStatus
     item_count: int
+    min_vram: int | None
     error: str | None
     created_at: datetime
     started_at: datetime | None
@@ -118,6 +119,7 @@ def create_job(
     input_sha256: str,
     fingerprint: str,
     new_items: Iterable[NewItem],
+    min_vram: int | None = None,
 ) -> int:
     """Insert a job and all its items in one transaction (all or nothing); return the job id."""
     now = utcnow()
@@ -133,6 +135,7 @@ def create_job(
                 fingerprint=fingerprint,
                 status=JobStatus.QUEUED,
                 item_count=0,
+                min_vram=min_vram,
                 created_at=now,
             )
             .returning(jobs.c.id)
@@ -206,16 +209,23 @@ def progress(db: Database, job_list: list[Job]) -> list[JobProgress]:
 
 
 def next_job(
-    db: Database, *, job_id: int | None = None, prefer_model: str | None = None
+    db: Database,
+    *,
+    job_id: int | None = None,
+    prefer_model: str | None = None,
+    vram: int | None = None,
 ) -> Job | None:
-    """The job to work on next: the oldest with queued items, the loaded model's jobs first."""
+    """The job to work on next: the oldest with queued items, the loaded model's jobs first,
+    skipping jobs that ask for more GPU memory than `vram` (None: the worker has no GPU)."""
     has_queued = (
         sa.select(items.c.id)
         .where(items.c.job_id == jobs.c.id, items.c.status == ItemStatus.QUEUED)
         .exists()
     )
     query = sa.select(jobs).where(
-        jobs.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), has_queued
+        jobs.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        has_queued,
+        sa.or_(jobs.c.min_vram.is_(None), jobs.c.min_vram <= (vram or 0)),
     )
     if job_id is not None:
         query = query.where(jobs.c.id == job_id)
@@ -226,6 +236,15 @@ def next_job(
     with db.read() as conn:
         row = conn.execute(query.order_by(*order).limit(1)).first()
     return _job(row) if row else None
+
+
+def running_items(db: Database, job_id: int | None = None) -> int:
+    """Items leased by any worker (of one job): work that may still come back."""
+    query = sa.select(sa.func.count()).where(items.c.status == ItemStatus.RUNNING)
+    if job_id is not None:
+        query = query.where(items.c.job_id == job_id)
+    with db.read() as conn:
+        return conn.execute(query).scalar_one()
 
 
 def cancel_job(db: Database, job_id: int) -> int:
@@ -461,16 +480,21 @@ def release(
     return poisoned
 
 
-def reclaim_stale(db: Database, *, everything: bool = False) -> int:
-    """Return expired leases to the queue; with `everything`, every running item.
+def reclaim_stale(db: Database, *, everything: bool = False, owner: str | None = None) -> int:
+    """Return expired leases to the queue; with `everything`, every running item; with
+    `owner`, also every lease of that worker identity.
 
-    `everything` is for a worker that holds the single-worker lock: then no other worker can be
-    alive, so every lease in the database is left over from a dead one.
+    `everything` is for a worker that holds the single-worker lock of a SQLite database: no
+    other worker can be alive, so every lease is left over from a dead one. `owner` is for a
+    worker that holds its identity's lock: leases under its name are from its dead self.
     """
     now = utcnow()
     stale = items.c.status == ItemStatus.RUNNING
     if not everything:
-        stale = sa.and_(stale, items.c.lease_until < now)
+        expired = items.c.lease_until < now
+        if owner is not None:
+            expired = sa.or_(expired, items.c.lease_owner == owner)
+        stale = sa.and_(stale, expired)
     with db.write() as conn:
         return conn.execute(
             sa.update(items)

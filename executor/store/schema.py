@@ -70,6 +70,8 @@ jobs = sa.Table(
     sa.Column("fingerprint", sa.String(64), nullable=False, index=True),
     sa.Column("status", _status(JobStatus, "job_status"), nullable=False),
     sa.Column("item_count", sa.Integer, nullable=False),
+    # Only workers whose GPU has at least this much memory take the job (None: any).
+    sa.Column("min_vram", sa.BigInteger, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("started_at", sa.DateTime, nullable=True),
@@ -181,4 +183,23 @@ known_configs = sa.Table(
     sa.Column("parallel", sa.Integer, primary_key=True),
     sa.Column("n_gpu_layers", sa.Integer, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+
+# One row per worker identity (host + GPU): registration and heartbeat, for `executor workers`.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),  # "host:GPU-uuid" or "host:cpu"
+    sa.Column("host", sa.String(200), nullable=False),
+    sa.Column("gpu_uuid", sa.String(100), nullable=False),
+    sa.Column("gpu_name", sa.String(200), nullable=True),
+    sa.Column("vram_total", sa.BigInteger, nullable=True),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("model", sa.Text, nullable=True),  # the model loaded now
+    sa.Column("job_id", sa.Integer, nullable=True),  # the job worked on now
+    sa.Column("tokens_per_s", sa.Float, nullable=True),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime, nullable=False),
+    sa.Column("stopped_at", sa.DateTime, nullable=True),
 )
