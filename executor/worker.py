@@ -137,8 +137,9 @@ class Worker:
                 ):
                     return
                 self.progress.end_job()
+                # Draining: other workers' last items finish any moment; look again soon.
                 self._sleep(
-                    min(self.settings.poll_seconds, self.settings.lease_seconds / 3)
+                    min(self.settings.poll_seconds, 1.0)
                     if self.options.until_empty
                     else self.settings.poll_seconds
                 )
