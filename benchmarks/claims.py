@@ -30,21 +30,29 @@ from tests.synthetic_gguf import write_tiny_gguf  # noqa: E402
 def drain(db_url: str, model: Path, items: int, workers: int, batch: int, tmp: Path) -> float:
     """Seconds for `workers` processes to drain `items` (from their start to the last exit)."""
     prompts = tmp / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"item {i}"}) + "\n"
-                               for i in range(items)))
+    prompts.write_text("".join(json.dumps({"prompt": f"item {i}"}) + "\n" for i in range(items)))
     env = {**os.environ, "EXECUTOR_DB": db_url, "EXECUTOR_ENGINE": "fake"}
     cli = [sys.executable, "-m", "executor"]
-    subprocess.run([*cli, "submit", str(prompts), "--model", str(model), "--force"], env=env,
-                   check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [*cli, "submit", str(prompts), "--model", str(model), "--force"],
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     started = time.perf_counter()
     procs = []
     for n in range(workers):
-        gpu = json.dumps([{"name": f"bench {n}", "uuid": f"GPU-bench-{n}",
-                           "total": 24 * 2**30}])
-        procs.append(subprocess.Popen(
-            [*cli, "run", "--until-empty", "--batch-size", str(batch), "--parallel", "8"],
-            env={**env, "EXECUTOR_FAKE_NVML": gpu}, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        gpu = json.dumps([{"name": f"bench {n}", "uuid": f"GPU-bench-{n}", "total": 24 * 2**30}])
+        procs.append(
+            subprocess.Popen(
+                [*cli, "run", "--until-empty", "--batch-size", str(batch), "--parallel", "8"],
+                env={**env, "EXECUTOR_FAKE_NVML": gpu},
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     for proc in procs:
         if proc.wait() != 0:
             raise SystemExit(f"a worker exited {proc.returncode}")
@@ -63,8 +71,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             tmp = Path(folder)
             model = write_tiny_gguf(tmp / "tiny.gguf")
-            sqlite = drain(f"sqlite:///{tmp / 'bench.db'}", model, args.items, 1,
-                           args.batch_size, tmp)
+            sqlite = drain(
+                f"sqlite:///{tmp / 'bench.db'}", model, args.items, 1, args.batch_size, tmp
+            )
             rows.append(("SQLite", 1, args.items / sqlite))
             for workers in (1, 2, 4):
                 url = databases.create()
@@ -76,8 +85,10 @@ def main() -> None:
         if server is not None:
             server.stop()
     base = {backend: rate for backend, workers, rate in rows if workers == 1}
-    print(f"{args.items} items, fake engine, batch size {args.batch_size}, "
-          f"{os.cpu_count()} CPUs; times include each worker's start-up")
+    print(
+        f"{args.items} items, fake engine, batch size {args.batch_size}, "
+        f"{os.cpu_count()} CPUs; times include each worker's start-up"
+    )
     print(f"{'backend':11} {'workers':>7} {'items/s':>9} {'× one worker':>13}")
     for backend, workers, rate in rows:
         print(f"{backend:11} {workers:>7} {rate:>9.1f} {rate / base[backend]:>13.2f}")

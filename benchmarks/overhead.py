@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/overhead.py [--prompts 32] [--max-tokens 128] [--rounds 2]
 
 (a) plain loop: one `Llama`, `create_chat_completion` per prompt, greedy;
-(b) executor at parallel 1: `submit` → `run --until-empty` → `export`, as a user runs it.
+(b) executor at parallel 1: `submit` → `run --until-empty --parallel 1` → `export`.
 
 Both rates are completion tokens per second of generation time: for (a) from the first call to
 the end of the last, for (b) from the job's first claim to its last checkpoint (the model load
@@ -14,20 +14,17 @@ of the machine shows up as spread, not as bias. Prints the ratio b/a (target >= 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import executor_run  # noqa: E402
 from executor.models import resolve_model  # noqa: E402
 
 TOPICS = [
@@ -89,42 +86,6 @@ def plain_loop(model: Path, rows: list[dict], ctx: int) -> dict:
     return {"tokens": tokens, "gen_s": gen_s, "load_s": load_s, "tok_s": tokens / gen_s}
 
 
-def executor_run(rows: list[dict], ctx: int, workdir: Path) -> dict:
-    db = workdir / f"bench-{time.monotonic_ns()}.db"
-    env = {**os.environ, "EXECUTOR_DB": str(db), "EXECUTOR_CTX": str(ctx)}
-    inp = workdir / "prompts.jsonl"
-    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cli = [sys.executable, "-m", "executor"]
-    job = subprocess.run(
-        [*cli, "submit", str(inp)], env=env, check=True, capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    t0 = time.perf_counter()
-    subprocess.run(
-        [*cli, "run", "--until-empty", "--log-format", "json"],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    wall_s = time.perf_counter() - t0
-    subprocess.run(
-        [*cli, "export", job, "-o", str(workdir / "out.jsonl")],
-        env=env,
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-    )
-    conn = sqlite3.connect(db)
-    started, last, tokens = conn.execute(
-        "SELECT j.started_at, max(r.created_at), sum(r.completion_tokens) FROM jobs j "
-        "JOIN items i ON i.job_id = j.id JOIN results r ON r.item_id = i.id"
-    ).fetchone()
-    conn.close()
-    gen_s = (datetime.fromisoformat(last) - datetime.fromisoformat(started)).total_seconds()
-    return {"tokens": tokens, "gen_s": gen_s, "wall_s": wall_s, "tok_s": tokens / gen_s}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
@@ -142,13 +103,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(1, args.rounds + 1):
             a = plain_loop(model, rows, args.ctx)
-            b = executor_run(rows, args.ctx, Path(tmp))
+            b = executor_run(rows, Path(tmp), parallel=1, ctx=args.ctx)
             plain.append(a)
             ours.append(b)
             print(
                 f"round {rnd}: plain loop {a['tok_s']:6.1f} tok/s ({a['tokens']} tokens in "
                 f"{a['gen_s']:.1f}s) | executor {b['tok_s']:6.1f} tok/s ({b['tokens']} tokens "
-                f"in {b['gen_s']:.1f}s; {b['wall_s']:.1f}s with start-up and load) | "
+                f"in {b['seconds']:.1f}s; {b['wall_s']:.1f}s with start-up and load) | "
                 f"ratio {b['tok_s'] / a['tok_s']:.3f}"
             )
     ratios = [b["tok_s"] / a["tok_s"] for a, b in zip(plain, ours, strict=True)]

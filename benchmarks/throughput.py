@@ -18,24 +18,22 @@ repeats everything, so the spread between rounds shows the machine's noise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(__file__).resolve().parent / ".cache"
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import executor_run  # noqa: E402
 from executor.models import resolve_model  # noqa: E402
 
 PASSAGE = (
@@ -67,46 +65,6 @@ def plain_loop(model: Path, rows: list[dict]) -> dict:
     seconds = time.perf_counter() - started
     llm.close()
     return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
-
-
-def executor_run(rows: list[dict], parallel: int, workdir: Path) -> dict:
-    db = workdir / f"p{parallel}-{time.monotonic_ns()}.db"
-    env = {**os.environ, "EXECUTOR_DB": str(db), "EXECUTOR_CTX": "1024"}
-    cli = [sys.executable, "-m", "executor"]
-    prompts = workdir / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    started = time.perf_counter()
-    job = subprocess.run(
-        [*cli, "submit", str(prompts)],
-        env=env,
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    subprocess.run(
-        [*cli, "run", "--until-empty", "--parallel", str(parallel)],
-        env=env,
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    subprocess.run(
-        [*cli, "export", job, "-o", str(workdir / "out.jsonl")],
-        env=env,
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    wall = time.perf_counter() - started
-    conn = sqlite3.connect(db)
-    first, last, tokens = conn.execute(
-        "SELECT j.started_at, max(r.created_at), sum(r.completion_tokens) FROM jobs j "
-        "JOIN items i ON i.job_id = j.id JOIN results r ON r.item_id = i.id"
-    ).fetchone()
-    conn.close()
-    seconds = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
-    return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "wall_s": wall}
 
 
 def batched_bench_binary() -> Path | str:
@@ -249,7 +207,7 @@ def main() -> None:
                 else {}
             )
             for p in parallels:
-                ours = executor_run(rows, p, Path(tmp))
+                ours = executor_run(rows, Path(tmp), parallel=p, ctx=1024)
                 table.setdefault(f"executor p{p}", []).append(ours["tok_s"])
                 vs_bench = ""
                 if p in ref:

@@ -310,8 +310,3 @@ def format_problems(scan: Scan) -> list[str]:
     if scan.invalid > len(scan.problems):
         lines.append(f"... and {scan.invalid - len(scan.problems)} more invalid lines")
     return lines
-
-
-def request_text_for_hash(request: dict[str, Any]) -> str:
-    """Canonical JSON, used in fingerprints."""
-    return json.dumps(request, sort_keys=True, separators=(",", ":"))

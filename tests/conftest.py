@@ -144,28 +144,22 @@ def run_cli(
     full_env = {**os.environ, **(env or {})}
     if db_path is not None:
         full_env["EXECUTOR_DB"] = str(db_path)
-    if isinstance(input, bytes):
-        proc = subprocess.run(
-            [sys.executable, "-m", "executor", *args],
-            input=input,
-            capture_output=True,
-            env=full_env,
-            timeout=timeout,
-            cwd=ROOT,
-        )
-        result = subprocess.CompletedProcess(
-            proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
-        )
-    else:
-        result = subprocess.run(
-            [sys.executable, "-m", "executor", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            env=full_env,
-            timeout=timeout,
-            cwd=ROOT,
-        )
+    # Bytes in and out, so that tests can feed invalid UTF-8.
+    data = input.encode() if isinstance(input, str) else input
+    proc = subprocess.run(
+        [sys.executable, "-m", "executor", *args],
+        input=data,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    result = subprocess.CompletedProcess(
+        proc.args,
+        proc.returncode,
+        proc.stdout.decode(errors="replace"),
+        proc.stderr.decode(errors="replace"),
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"executor {' '.join(args)} exited {result.returncode}\n{result.stderr}"

@@ -76,7 +76,7 @@ def test_claim_leases_in_input_order_and_starts_the_job(store: Database):
     assert queue.claim(store, job_id, limit=10, owner="w1", lease_seconds=60) == []
     job = queue.get_job(store, job_id)
     assert job.status == JobStatus.RUNNING and job.started_at is not None
-    assert queue.leases_held(store, "w1") == 5
+    assert queue.running_items(store, owner="w1") == 5
 
 
 def test_complete_checkpoints_once_and_finishes_the_job(store: Database):

@@ -238,11 +238,13 @@ def next_job(
     return _job(row) if row else None
 
 
-def running_items(db: Database, job_id: int | None = None) -> int:
-    """Items leased by any worker (of one job): work that may still come back."""
+def running_items(db: Database, job_id: int | None = None, owner: str | None = None) -> int:
+    """Items leased (by one worker, of one job): work that may still come back."""
     query = sa.select(sa.func.count()).where(items.c.status == ItemStatus.RUNNING)
     if job_id is not None:
         query = query.where(items.c.job_id == job_id)
+    if owner is not None:
+        query = query.where(items.c.lease_owner == owner)
     with db.read() as conn:
         return conn.execute(query).scalar_one()
 
@@ -501,15 +503,6 @@ def reclaim_stale(db: Database, *, everything: bool = False, owner: str | None =
             .where(stale)
             .values(status=ItemStatus.QUEUED, lease_owner=None, lease_until=None, updated_at=now)
         ).rowcount
-
-
-def leases_held(db: Database, owner: str | None = None) -> int:
-    """How many items are leased (by `owner`, or by anyone)."""
-    query = sa.select(sa.func.count()).where(items.c.status == ItemStatus.RUNNING)
-    if owner is not None:
-        query = query.where(items.c.lease_owner == owner)
-    with db.read() as conn:
-        return conn.execute(query).scalar_one()
 
 
 def _close_item(
