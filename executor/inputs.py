@@ -15,7 +15,16 @@ from typing import IO, Any
 from executor.errors import InputError
 
 ROLES = ("system", "user", "assistant")
-PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+PARAM_KEYS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "seed",
+    "stop",
+)
 LINE_KEYS = ("prompt", "messages", "custom_id", "metadata", "json_schema", *PARAM_KEYS)
 MAX_SEED = 2**32 - 1
 MAX_REPORTED = 20  # bad lines listed one by one; the rest are counted
@@ -259,6 +268,12 @@ def parse_params(data: dict[str, Any]) -> dict[str, Any]:
         params["temperature"] = _number(data["temperature"], "temperature", 0.0, 5.0)
     if "top_p" in data:
         params["top_p"] = _number(data["top_p"], "top_p", 0.0, 1.0)
+    if "top_k" in data:
+        params["top_k"] = _int(data["top_k"], "top_k", 0, None)
+    if "min_p" in data:
+        params["min_p"] = _number(data["min_p"], "min_p", 0.0, 1.0)
+    if "repeat_penalty" in data:
+        params["repeat_penalty"] = _number(data["repeat_penalty"], "repeat_penalty", 0.0, 5.0)
     if "seed" in data:
         params["seed"] = _int(data["seed"], "seed", 0, MAX_SEED)
     if "stop" in data:

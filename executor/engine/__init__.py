@@ -57,6 +57,10 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     stop: list[str] = field(default_factory=list)
     json_schema: dict[str, Any] | None = None  # constrain the output to this JSON schema
+    # llama-cpp-python's defaults, so that a line without them samples as create_completion.
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
 
     @property
     def params(self) -> dict[str, Any]:
@@ -67,6 +71,9 @@ class GenerationRequest:
             "top_p": self.top_p,
             "seed": self.seed,
         }
+        for key, default in (("top_k", 40), ("min_p", 0.05), ("repeat_penalty", 1.0)):
+            if getattr(self, key) != default:
+                params[key] = getattr(self, key)
         if self.stop:
             params["stop"] = self.stop
         if self.json_schema is not None:
@@ -97,6 +104,9 @@ class GenerationRequest:
             seed=int(params["seed"]),
             stop=list(params.get("stop") or []),
             json_schema=request.get("json_schema", defaults.get("json_schema")),
+            top_k=int(params.get("top_k", 40)),
+            min_p=float(params.get("min_p", 0.05)),
+            repeat_penalty=float(params.get("repeat_penalty", 1.0)),
         )
 
 

@@ -369,15 +369,21 @@ def _sampler(request: GenerationRequest, vocab: Any) -> Any:
             raise ItemError("json_schema: llama.cpp rejected the grammar made from it")
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
+    if request.repeat_penalty != 1.0:  # over the last 64 tokens, as llama-cpp-python does
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        add(
+            chain,
+            llama_cpp.llama_sampler_init_penalties(n_vocab, 64, request.repeat_penalty, 0.0, 0.0),
+        )
     if grammar is not None:
         add(chain, grammar)
     if request.temperature == 0:
         add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
-    add(chain, llama_cpp.llama_sampler_init_top_k(40))
+    add(chain, llama_cpp.llama_sampler_init_top_k(request.top_k))
     add(chain, llama_cpp.llama_sampler_init_typical(1.0, 1))
     add(chain, llama_cpp.llama_sampler_init_top_p(request.top_p, 1))
-    add(chain, llama_cpp.llama_sampler_init_min_p(0.05, 1))
+    add(chain, llama_cpp.llama_sampler_init_min_p(request.min_p, 1))
     add(chain, llama_cpp.llama_sampler_init_temp(request.temperature))
     add(chain, llama_cpp.llama_sampler_init_dist(request.seed))
     return chain
