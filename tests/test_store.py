@@ -21,9 +21,9 @@ RESULT = ResultRecord(
 )
 
 
-def make_job(db: Database, n: int = 3, fingerprint: str = "f" * 64) -> int:
-    return queue.create_job(
-        db,
+def make_job(db: Database, n: int = 3, fingerprint: str = "f" * 64, **fields) -> int:
+    """A job of `n` prompts; `fields` replace create_job's arguments (model, new_items, ...)."""
+    values = dict(
         name="t",
         model="/m.gguf",
         params={"max_tokens": 8},
@@ -32,6 +32,7 @@ def make_job(db: Database, n: int = 3, fingerprint: str = "f" * 64) -> int:
         fingerprint=fingerprint,
         new_items=(NewItem(i + 1, f"c{i + 1}", {"prompt": f"p{i + 1}"}) for i in range(n)),
     )
+    return queue.create_job(db, **{**values, **fields})
 
 
 def test_blank_database_upgraded_to_head_matches_the_models(tmp_path: Path):
@@ -134,13 +135,9 @@ def test_reclaim_own_identity_and_min_vram(store: Database):
     queue.claim(store, job_id, limit=1, owner="host:GPU-2", lease_seconds=600)
     assert queue.reclaim_stale(store, owner="host:GPU-1") == 1  # its own dead self's lease only
     assert queue.running_items(store) == 1
-    big = queue.create_job(
+    big = make_job(
         store,
-        name=None,
         model="/m",
-        params={},
-        input_path="-",
-        input_sha256="0" * 64,
         fingerprint="g" * 64,
         min_vram=40 * 2**30,
         new_items=[NewItem(1, "1", {"prompt": "x"})],
@@ -180,13 +177,9 @@ def test_cancel_and_retry(store: Database):
 
 
 def test_invalid_items_count_as_finished_and_are_never_retried(store: Database):
-    job_id = queue.create_job(
+    job_id = make_job(
         store,
-        name=None,
         model="/m",
-        params={},
-        input_path="-",
-        input_sha256="0" * 64,
         fingerprint="x" * 64,
         new_items=[NewItem(1, "1", {"raw": "nope"}, ItemStatus.INVALID, "not valid JSON")],
     )
@@ -196,13 +189,9 @@ def test_invalid_items_count_as_finished_and_are_never_retried(store: Database):
 
 def test_next_job_prefers_the_loaded_model(store: Database):
     first = make_job(store, 1, fingerprint="a" * 64)
-    second = queue.create_job(
+    second = make_job(
         store,
-        name=None,
         model="/other.gguf",
-        params={},
-        input_path="-",
-        input_sha256="0" * 64,
         fingerprint="b" * 64,
         new_items=[NewItem(1, "1", {"prompt": "x"})],
     )
@@ -226,16 +215,7 @@ def test_create_job_is_all_or_nothing(store: Database):
         raise RuntimeError("file changed")
 
     with pytest.raises(RuntimeError):
-        queue.create_job(
-            store,
-            name=None,
-            model="/m",
-            params={},
-            input_path="-",
-            input_sha256="0" * 64,
-            fingerprint="z" * 64,
-            new_items=items_then_error(),
-        )
+        make_job(store, model="/m", fingerprint="z" * 64, new_items=items_then_error())
     assert queue.list_jobs(store) == []
     with store.read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(items)).scalar() == 0
