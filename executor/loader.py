@@ -35,7 +35,7 @@ from executor import gpu
 from executor.config import Settings
 from executor.engine.faults import Faults
 from executor.errors import ModelError
-from executor.models import check_gguf, model_sha256, verify_default_model
+from executor.models import check_default_hash, check_gguf, model_sha256
 from executor.plan import kv_layer_bytes, parts_for
 from executor.planning import PlanReport, flash_attn_for, load_spec, plan_for
 from executor.store import Database
@@ -113,8 +113,8 @@ class ModelLoader:
         if not path.is_file():
             raise ModelError(f"model file {path} does not exist")
         check_gguf(path)
-        verify_default_model(self.db, path)
         sha = model_sha256(self.db, path)
+        check_default_hash(path, sha)
         report = plan_for(settings, self.db, path, nvml=self.nvml, sha256=sha)
         plan = report.plan
         if not plan.ram_ok and not settings.allow_swap:

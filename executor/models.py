@@ -120,9 +120,3 @@ def check_default_hash(path: Path, sha: str) -> bool:
             f"{DEFAULT_MODEL.distribution}=={DEFAULT_MODEL.version}",
         )
     return True
-
-
-def verify_default_model(db: Database, path: Path) -> None:
-    """If `path` is the default model, its (cached) hash must be the published one."""
-    if path.name == Path(DEFAULT_MODEL.member).name:
-        check_default_hash(path, model_sha256(db, path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import json
 import os
@@ -233,8 +234,10 @@ class LlamaEngine:
             return
         slot.last = token
         slot.generated.append(token)
-        slot.text_bytes += self.piece(token)
-        text = slot.text_bytes.decode("utf-8", errors="ignore")
+        # Incremental: a piece may end inside a multi-byte character; re-decoding the whole
+        # output every token would cost O(n²) over a long answer.
+        slot.text += slot.decoder.decode(self.piece(token))
+        text = slot.text
         for stop in slot.stops:
             at = text.find(stop, max(0, slot.checked - len(stop)))
             if at >= 0:
@@ -248,7 +251,7 @@ class LlamaEngine:
         request = slot.request
         assert request is not None
         if text is None:
-            text = slot.text_bytes.decode("utf-8", errors="ignore")
+            text = slot.text + slot.decoder.decode(b"", final=True)
         end = time.perf_counter()
         first = slot.first_token_at or end
         sink.finished(
@@ -295,7 +298,8 @@ class _Slot:
         self.prompt: list[int] = []
         self.pending: list[int] = []
         self.generated: list[int] = []
-        self.text_bytes = b""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.text = ""
         self.checked = 0
         self.stops: list[str] = []
         self.pos = 0
@@ -317,7 +321,8 @@ class _Slot:
         self.pending = list(tokens[reused:])
         self.pos = reused
         self.generated = []
-        self.text_bytes = b""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.text = ""
         self.checked = 0
         self.stops = [*request.stop, *extra_stops]
         self.sampler = sampler
