@@ -22,8 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import PgDatabases  # noqa: E402
-from tests.pg_server import PgServer  # noqa: E402
+from tests.pg_server import PgDatabases, PgServer  # noqa: E402
 from tests.synthetic_gguf import write_tiny_gguf  # noqa: E402
 
 

@@ -1,19 +1,24 @@
-"""The command line: parse flags, call one service function, turn errors into messages."""
+"""The command line: each command parses its options, calls one service function and renders
+the answer (tables in report.py). Domain errors (errors.py) become one message on stderr and
+their documented exit code; nothing here runs SQL or decides anything.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from executor import __version__
+from executor import __version__, report
 from executor.config import Settings, load_settings
-from executor.errors import ExecutorError, ExitCode, InputError, NotFoundError
+from executor.errors import ExecutorError, ExitCode, InputError, UsageError
 from executor.logs import setup_logging
 from executor.store import Database, open_database
 
@@ -95,7 +100,7 @@ ParallelOpt = Annotated[
     typer.Option(
         "--parallel",
         help="Sequences decoded together; the KV cache holds ctx × parallel. "
-        "[env EXECUTOR_PARALLEL; default 1]",
+        "[env EXECUTOR_PARALLEL; default auto]",
         show_default=False,
     ),
 ]
@@ -132,6 +137,38 @@ AllowSwapOpt = Annotated[
 ]
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(typer_app: typer.Typer = app, name: str | None = None) -> Callable[[F], F]:
+    """Register a command whose domain errors end it with their message and exit code."""
+
+    def register(func: F) -> F:
+        @functools.wraps(func)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except ExecutorError as exc:
+                if os.environ.get("EXECUTOR_DEBUG") == "1":
+                    raise
+                _report(exc)
+                raise typer.Exit(exc.exit_code) from None
+
+        typer_app.command(name)(run)
+        return func
+
+    return register
+
+
+def _report(exc: ExecutorError) -> None:
+    if isinstance(exc, InputError):
+        for problem in exc.problems:
+            _say(problem)
+    _say(f"executor: error: {exc}")
+    if exc.hint:
+        _say(f"  hint: {exc.hint}")
+
+
 def _settings(config: str | None, **flags: Any) -> Settings:
     return load_settings(flags, config=config)
 
@@ -149,10 +186,17 @@ def _say(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def _events(settings: Settings) -> Any:
+    """How a run shows its progress: a bar on a terminal, log lines otherwise."""
+    from executor.progress import ProgressDisplay
+
+    return ProgressDisplay(setup_logging(settings.log_format), settings.progress_seconds)
+
+
 # --- commands ------------------------------------------------------------------------------------
 
 
-@app.command()
+@command()
 def submit(
     file: Annotated[
         str, typer.Argument(help="Prompt file (JSON lines), - for stdin, or a job spec (.yaml).")
@@ -228,15 +272,16 @@ def submit(
     Submitting the same content with the same model and parameters again prints the existing
     job id (safe from cron); --force queues it anew.
     """
-    from executor.jobspec import is_spec
+    from executor.jobspec import is_spec, read_schema
+    from executor.pipeline import spec_and_settings, submit_spec
     from executor.submit import submit as submit_file
-    from executor.submit import submit_spec
 
     flags = dict(
         db=db, model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     if is_spec(file):
-        result = submit_spec(file, flags, config=config, force=force, skip_invalid=skip_invalid)
+        spec, settings = spec_and_settings(file, flags, config)
+        result = submit_spec(spec, settings, force=force, skip_invalid=skip_invalid)
     else:
         settings = _settings(config, **flags)
         result = submit_file(
@@ -246,7 +291,7 @@ def submit(
             name=name,
             force=force,
             skip_invalid=skip_invalid,
-            json_schema=_schema_file(json_schema),
+            json_schema=read_schema(Path.cwd(), json_schema, "--json-schema"),
             min_vram=_size_flag(min_vram, "--min-vram"),
         )
     if as_json:
@@ -264,7 +309,6 @@ def submit(
 
 
 def _size_flag(value: str | None, flag: str) -> int | None:
-    from executor.errors import UsageError
     from executor.units import parse_size
 
     if value is None:
@@ -275,15 +319,7 @@ def _size_flag(value: str | None, flag: str) -> int | None:
         raise UsageError(f"{flag}: {exc}") from None
 
 
-def _schema_file(path: str | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    from executor.jobspec import read_schema
-
-    return read_schema(Path.cwd(), path, "--json-schema")
-
-
-@app.command()
+@command()
 def run(
     until_empty: Annotated[
         bool,
@@ -325,7 +361,6 @@ def run(
         typer.Option(
             help="llama, or fake (echoes prompts: for testing pipelines). [env EXECUTOR_ENGINE]",
             show_default=False,
-            hidden=False,
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -340,7 +375,7 @@ def run(
     once with code 3. SIGTERM or Ctrl-C stops gracefully (a second one stops at once); the
     exit code is then 0 and nothing is lost.
     """
-    from executor.progress import Progress
+    from executor.store import queue
     from executor.worker import RunOptions, run_worker
 
     settings = _settings(
@@ -358,31 +393,23 @@ def run(
         flash_attn=flash_attn,
         allow_swap=allow_swap,
     )
-    status_line = setup_logging(settings.log_format)
+    events = _events(settings)
     database = _open(settings)
+    if job is not None:
+        queue.require_job(database, job)
     options = RunOptions(
         until_empty=until_empty, job_id=job, max_items=max_items, stop_timeout=stop_timeout
     )
-    if job is not None:
-        from executor.store import queue
-
-        if queue.get_job(database, job) is None:
-            raise NotFoundError(f"no job {job}", hint="`executor status` lists the jobs")
     started = time.monotonic()
-    summary = run_worker(
-        settings, database, options, Progress(status_line, settings.progress_seconds)
-    )
+    summary = run_worker(settings, database, options, events)
     elapsed = time.monotonic() - started
     if as_json:
         _print_json({**summary.__dict__, "elapsed_s": round(elapsed, 3)})
     else:
-        _say(
-            f"run {'stopped' if summary.stopped_by_signal else 'finished'}: {summary.done} done, "
-            f"{summary.failed} failed, {summary.completion_tokens} tokens in {elapsed:.1f}s"
-        )
+        _say(report.run_note(summary, elapsed))
 
 
-@app.command()
+@command()
 def plan(
     model: Annotated[
         str | None,
@@ -431,8 +458,9 @@ def plan(
     fits in RAM and says why more layers did not fit. Exit code 8 if the CPU part would not
     fit in RAM (unless --allow-swap).
     """
+    from executor.errors import WouldSwapError
+    from executor.loader import plan_for
     from executor.models import resolve_model
-    from executor.planning import format_plan, plan_for
 
     settings = _settings(
         config,
@@ -447,7 +475,7 @@ def plan(
         allow_swap=allow_swap,
     )
     path = resolve_model(settings.model)
-    report = plan_for(
+    planned = plan_for(
         settings,
         _open(settings),
         path,
@@ -456,18 +484,17 @@ def plan(
         use_dry_run=dry_run,
     )
     if as_json:
-        _print_json(report.as_dict())
+        _print_json(planned.as_dict())
     else:
-        typer.echo(format_plan(report))
-    if not report.plan.ram_ok and not settings.allow_swap:
-        _say(
-            "executor: the CPU part does not fit in RAM: a run would swap and be extremely "
-            "slow (pass --allow-swap to run anyway)"
+        typer.echo(report.format_plan(planned))
+    if not planned.plan.ram_ok and not settings.allow_swap:
+        raise WouldSwapError(
+            "the CPU part does not fit in RAM: a run would swap and be extremely slow",
+            hint="pass --allow-swap to run anyway, or a larger --vram-cap / smaller --ctx",
         )
-        raise typer.Exit(ExitCode.WOULD_SWAP)
 
 
-@app.command()
+@command()
 def status(
     job: Annotated[int | None, typer.Argument(help="Only this job.")] = None,
     limit: Annotated[int, typer.Option(help="How many recent jobs.")] = 20,
@@ -476,14 +503,14 @@ def status(
     config: ConfigOpt = None,
 ) -> None:
     """Show jobs: items queued, running, done and failed; tokens, tokens/s and ETA."""
-    from executor.report import format_table, job_rows
+    from executor.status import job_rows
 
     settings = _settings(config, db=db)
     rows = job_rows(_open(settings), job, limit)
     if as_json:
         _print_json(rows if job is None else rows[0])
     else:
-        typer.echo(format_table(rows))
+        typer.echo(report.format_jobs(rows))
 
 
 FormatOpt = Annotated[
@@ -510,7 +537,7 @@ ProvenanceOpt = Annotated[
 ]
 
 
-@app.command()
+@command()
 def export(
     job: JobArg,
     output: Annotated[
@@ -553,67 +580,44 @@ def export(
         errors=errors,
         with_provenance=with_provenance,
     )
-    _say(_export_note(result, output, errors))
+    _say(report.export_note(result, output, errors))
 
 
-def _export_note(result: Any, output: str | None, errors: str | None) -> str:
-    where = "stdout" if output in (None, "-") else output
-    note = "" if result.job_status == "done" else f" (job is {result.job_status})"
-    failed = f", {result.failed} failed to {errors}" if errors else ""
-    return (
-        f"job {result.job_id}: exported {result.lines} of {result.item_count} items to "
-        f"{where}{failed}{note}"
-    )
-
-
-@app.command()
+@command()
 def cancel(job: JobArg, db: DbOpt = None, config: ConfigOpt = None) -> None:
     """Cancel a job: its queued items will not run (finished results stay)."""
     from executor.store import queue
 
-    settings = _settings(config, db=db)
-    database = _open(settings)
-    if queue.get_job(database, job) is None:
-        raise NotFoundError(f"no job {job}", hint="`executor status` lists the jobs")
-    n = queue.cancel_job(database, job)
+    n = queue.cancel_job(_open(_settings(config, db=db)), job)
     _say(f"job {job}: cancelled ({n} items will not run; `executor retry {job}` resumes)")
 
 
-@app.command()
+@command()
 def retry(job: JobArg, db: DbOpt = None, config: ConfigOpt = None) -> None:
     """Put a job's failed and cancelled items back in the queue (invalid lines stay failed)."""
     from executor.store import queue
 
-    settings = _settings(config, db=db)
-    database = _open(settings)
-    if queue.get_job(database, job) is None:
-        raise NotFoundError(f"no job {job}", hint="`executor status` lists the jobs")
-    n = queue.retry_job(database, job)
+    n = queue.retry_job(_open(_settings(config, db=db)), job)
     _say(f"job {job}: {n} items queued again")
 
 
-@db_app.command("upgrade")
+@command(db_app, "upgrade")
 def db_upgrade(db: DbOpt = None, config: ConfigOpt = None) -> None:
     """Apply schema migrations (also done automatically whenever a command opens the DB)."""
-    settings = _settings(config, db=db)
-    database = open_database(settings.db_url)
-    _say(
-        f"{database.url.render_as_string(hide_password=True)} is at revision {database.revision()}"
-    )
+    database = _open(_settings(config, db=db))
+    _say(f"{database.display_url} is at revision {database.revision()}")
 
 
-@db_app.command("revision")
+@command(db_app, "revision")
 def db_revision(db: DbOpt = None, config: ConfigOpt = None) -> None:
     """Print the database's schema revision and the newest one this version knows."""
-    from executor.store.db import Database, head_revision
+    from executor.store.db import revisions
 
-    settings = _settings(config, db=db)
-    typer.echo(
-        f"database {Database(settings.db_url).revision() or '(blank)'}, code {head_revision()}"
-    )
+    current, head = revisions(_settings(config, db=db).db_url)
+    typer.echo(f"database {current or '(blank)'}, code {head}")
 
 
-@app.command()
+@command()
 def model(
     path: Annotated[
         str | None,
@@ -626,28 +630,19 @@ def model(
 
     Exit code 4 if the model is missing, not GGUF, or the default model's hash is wrong.
     """
-    from executor.models import DEFAULT_MODEL, check_default_hash, resolve_model, sha256_file
+    from executor.models import DEFAULT_MODEL, describe_model
 
     settings = _settings(config, model=path)
-    resolved = resolve_model(settings.model)
-    sha = sha256_file(resolved)
-    is_default = check_default_hash(resolved, sha)
-    info = {
-        "path": str(resolved),
-        "size": resolved.stat().st_size,
-        "sha256": sha,
-        "default_model": is_default,
-        "source": settings.sources["model"],
-    }
+    info = describe_model(settings.model, settings.sources["model"])
     if as_json:
         _print_json(info)
         return
-    typer.echo(f"{resolved}\n  size   {info['size']:,} bytes\n  sha256 {sha}")
-    if is_default:
+    typer.echo(f"{info['path']}\n  size   {info['size']:,} bytes\n  sha256 {info['sha256']}")
+    if info["default_model"]:
         typer.echo(f"  the default model ({DEFAULT_MODEL.name}); hash verified")
 
 
-@app.command("run-job")
+@command(name="run-job")
 def run_job(
     spec: Annotated[
         str,
@@ -667,70 +662,32 @@ def run_job(
     the job failed as a whole (e.g. the model would not load), 3 if another run holds the
     worker lock.
     """
-    from executor.export import export_job
-    from executor.jobspec import read_spec, spec_settings
-    from executor.progress import Progress
-    from executor.store import queue
-    from executor.submit import submit as submit_file
-    from executor.worker import RunOptions, run_worker
+    from executor.errors import JobFailedError
+    from executor.pipeline import run_spec, spec_and_settings
 
-    job_spec = read_spec(spec)
-    settings = spec_settings(job_spec, {"db": db, "log_format": log_format}, config)
-    status_line = setup_logging(settings.log_format)
-    database = _open(settings)
-    submitted = submit_file(
-        settings,
-        database,
-        str(job_spec.input),
-        name=job_spec.name,
-        json_schema=job_spec.json_schema,
-        load=job_spec.load,
-    )
-    _say(
-        f"job {submitted.job_id} ({job_spec.name}): {submitted.items} prompts"
-        + ("" if submitted.created else " (submitted before; finishing it)")
-    )
-    summary = run_worker(
-        settings,
-        database,
-        RunOptions(until_empty=True, job_id=submitted.job_id),
-        Progress(status_line, settings.progress_seconds),
-    )
-    job = queue.get_job(database, submitted.job_id)
-    assert job is not None
-    exported = None
-    if job_spec.output is not None:
-        exported = export_job(
-            database,
-            job.id,
-            str(job_spec.output),
-            fmt=job_spec.format,
-            errors=str(job_spec.errors) if job_spec.errors else None,
-            include_failed=job_spec.include_failed,
-            with_provenance=job_spec.with_provenance,
-        )
-        _say(
-            _export_note(
-                exported, str(job_spec.output), str(job_spec.errors) if job_spec.errors else None
-            )
-        )
+    job_spec, settings = spec_and_settings(spec, {"db": db, "log_format": log_format}, config)
+    events = _events(settings)
+    done = run_spec(job_spec, settings, _open(settings), events)
+    job = done.job
+    if done.exported is not None:
+        errors = str(job_spec.errors) if job_spec.errors else None
+        _say(report.export_note(done.exported, str(job_spec.output), errors))
     if as_json:
         _print_json(
             {
                 "job_id": job.id,
                 "status": job.status.value,
-                **summary.__dict__,
-                "exported": exported.lines if exported else None,
+                **done.summary.__dict__,
+                "exported": done.exported.lines if done.exported else None,
             }
         )
-    if job.status.value == "failed":
-        _say(f"executor: job {job.id} failed: {job.error}")
-        raise typer.Exit(ExitCode.JOB_FAILED)
-    if summary.stopped_by_signal:
+    if job.failed:
+        raise JobFailedError(f"job {job.id} failed: {job.error}")
+    if done.summary.stopped_by_signal:
         _say(f"job {job.id} is not finished (stopped by a signal); run-job again to go on")
 
 
-@config_app.command("show")
+@command(config_app, "show")
 def config_show(
     as_json: JsonOpt = False,
     db: DbOpt = None,
@@ -752,14 +709,10 @@ def config_show(
             }
         )
         return
-    typer.echo(f"config file: {settings.config_file or 'none'}")
-    width = max(map(len, OPTIONS))
-    for key, option in OPTIONS.items():
-        shown = json.dumps(values[key]) if isinstance(values[key], dict) else values[key]
-        typer.echo(f"{key:{width}}  {shown!s:24}  {settings.sources[key]:28}  {option.help}")
+    typer.echo(report.format_settings(settings, values, {k: o.help for k, o in OPTIONS.items()}))
 
 
-@app.command()
+@command()
 def doctor(
     as_json: JsonOpt = False,
     db: DbOpt = None,
@@ -768,18 +721,20 @@ def doctor(
     """Check this machine: llama-cpp-python and GPU offload, NVIDIA GPUs, RAM and swap, the
     database and its schema, the default model and its hash. Exit code 9 if a check FAILs
     (a missing GPU is a WARN: everything runs on the CPU)."""
-    from executor.doctor import format_checks, run_checks
+    from executor.doctor import run_checks
+    from executor.errors import ChecksFailedError
 
     checks = run_checks(_settings(config, db=db))
     if as_json:
         _print_json([c.__dict__ for c in checks])
     else:
-        typer.echo(format_checks(checks))
-    if any(c.state == "FAIL" for c in checks):
-        raise typer.Exit(ExitCode.CHECK_FAILED)
+        typer.echo(report.format_checks(checks))
+    failed = [c.name for c in checks if c.state == "FAIL"]
+    if failed:
+        raise ChecksFailedError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
 
 
-@app.command()
+@command()
 def workers(
     as_json: JsonOpt = False,
     db: DbOpt = None,
@@ -795,22 +750,11 @@ def workers(
     rows = registry.listing(_open(settings), alive_within=settings.lease_seconds)
     if as_json:
         _print_json(rows)
-        return
-    if not rows:
-        typer.echo("no workers have run on this database yet")
-        return
-    typer.echo(f"{'STATE':8} {'HOST':16} {'GPU':28} {'JOB':>5} {'TOK/S':>7} {'BEAT':>8}  MODEL")
-    for r in rows:
-        state = "live" if r["alive"] else ("stopped" if r["stopped_at"] else "dead")
-        gpu = f"{r['gpu_name'] or 'cpu'} {r['gpu_uuid'][:12] if r['gpu_uuid'] != 'cpu' else ''}"
-        typer.echo(
-            f"{state:8} {r['host'][:16]:16} {gpu.strip()[:28]:28} {r['job_id'] or '-':>5} "
-            f"{r['tokens_per_s'] if r['tokens_per_s'] is not None else '-':>7} "
-            f"{r['heartbeat_age_s']:>7.0f}s  {Path(r['model']).name if r['model'] else '-'}"
-        )
+    else:
+        typer.echo(report.format_workers(rows))
 
 
-@app.command()
+@command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
@@ -820,23 +764,13 @@ def version() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; domain errors become one message and a documented exit code."""
-    debug = os.environ.get("EXECUTOR_DEBUG") == "1"
+    """Run the CLI. Commands turn domain errors into exit codes themselves; anything else is a
+    bug, reported in one line (the traceback with EXECUTOR_DEBUG=1)."""
     try:
         # Standalone mode: Typer prints usage errors itself (exit 2) and exits after a command.
         app(args=argv, prog_name="executor")
-    except ExecutorError as exc:
-        if debug:
-            raise
-        if isinstance(exc, InputError):
-            for problem in exc.problems:
-                _say(problem)
-        _say(f"executor: error: {exc}")
-        if exc.hint:
-            _say(f"  hint: {exc.hint}")
-        sys.exit(exc.exit_code)
     except Exception as exc:
-        if debug:
+        if os.environ.get("EXECUTOR_DEBUG") == "1":
             raise
         _say(f"executor: internal error: {type(exc).__name__}: {exc}")
         _say("  hint: rerun with EXECUTOR_DEBUG=1 for the traceback, and report it")

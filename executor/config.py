@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from executor.errors import ConfigError
+from executor.records import INTEGER_PARAMS, JOB_PARAMS, PARAM_BOUNDS
 from executor.units import parse_cap
 
 
@@ -30,35 +31,43 @@ def xdg_dir(kind: str) -> Path:
 # --- value parsers: each takes a str (env, flag) or a YAML value and returns the typed value ----
 
 
-def _int(minimum: int) -> Callable[[Any], int]:
-    def parse(value: Any) -> int:
-        if isinstance(value, bool):
-            raise ValueError("expected an integer")
+def _number(kind: type, minimum: float, maximum: float | None = None) -> Callable[[Any], Any]:
+    """A parser of an int or a float within [minimum, maximum]; finite numbers only."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool) or (
+            kind is int and isinstance(value, float) and not value.is_integer()
+        ):
+            raise ValueError(f"expected {noun}, got {value!r}")
         try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected an integer, got {value!r}") from None
-        if number < minimum:
-            raise ValueError(f"must be at least {minimum}, got {number}")
-        return number
-
-    return parse
-
-
-def _float(minimum: float, maximum: float | None = None) -> Callable[[Any], float]:
-    def parse(value: Any) -> float:
-        if isinstance(value, bool):
-            raise ValueError("expected a number")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
+            number = kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"expected {noun}, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {value!r}")
         if number < minimum or (maximum is not None and number > maximum):
             upper = f" and at most {maximum}" if maximum is not None else ""
             raise ValueError(f"must be at least {minimum}{upper}, got {number}")
         return number
 
     return parse
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    return _number(int, minimum, maximum)
+
+
+def _float(minimum: float, maximum: float | None = None) -> Callable[[Any], float]:
+    return _number(float, minimum, maximum)
+
+
+def _param(name: str) -> Callable[[Any], Any]:
+    """A generation parameter, within the bounds a prompt line has too."""
+    low, high = PARAM_BOUNDS[name]
+    if name in INTEGER_PARAMS:
+        return _int(int(low), None if high is None else int(high))
+    return _float(low, high)
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -182,10 +191,10 @@ OPTIONS: dict[str, Option] = {
     "max_attempts": Option(_int(1), 3, "crashes of the model process an item may cause"),
     "progress_seconds": Option(_float(0.1), 10.0, "interval of progress log lines (no terminal)"),
     "log_format": Option(_choice("plain", "json"), "plain", "log lines: plain or json"),
-    "max_tokens": Option(_int(1), 256, "default completion length per prompt"),
-    "temperature": Option(_float(0.0, 5.0), 0.0, "default sampling temperature (0 = greedy)"),
-    "top_p": Option(_float(0.0, 1.0), 1.0, "default nucleus sampling threshold"),
-    "seed": Option(_int(0), 0, "default sampling seed (same seed, same text)"),
+    "max_tokens": Option(_param("max_tokens"), 256, "default completion length per prompt"),
+    "temperature": Option(_param("temperature"), 0.0, "default sampling temperature (0 = greedy)"),
+    "top_p": Option(_param("top_p"), 1.0, "default nucleus sampling threshold"),
+    "seed": Option(_param("seed"), 0, "default sampling seed (same seed, same text)"),
 }
 
 
@@ -233,7 +242,7 @@ class Settings:
 
     def generation_defaults(self) -> dict[str, Any]:
         """The job-level generation parameters that submit records."""
-        return {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "seed")}
+        return {k: getattr(self, k) for k in JOB_PARAMS}
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting by name (without the provenance)."""

@@ -138,13 +138,3 @@ def _config(settings: Settings) -> Check:
     if settings.config_file is None:
         return Check("config file", "OK", "none (defaults and EXECUTOR_* variables)")
     return Check("config file", "OK", str(Path(settings.config_file)))
-
-
-def format_checks(checks: list[Check]) -> str:
-    width = max(len(c.name) for c in checks)
-    lines = []
-    for c in checks:
-        lines.append(f"{c.state:4}  {c.name:{width}}  {c.detail}")
-        if c.hint:
-            lines.append(f"{'':4}  {'':{width}}  hint: {c.hint}")
-    return "\n".join(lines)

@@ -60,8 +60,22 @@ class NotFoundError(ExecutorError):
 
 
 class JobFailedError(ExecutorError):
+    """`run-job`: the job failed as a whole (its model would not load, even on the CPU)."""
+
     exit_code = ExitCode.JOB_FAILED
 
 
 class DatabaseError(ExecutorError):
     exit_code = ExitCode.DATABASE
+
+
+class WouldSwapError(ExecutorError):
+    """`plan`: the CPU part of the model does not fit in RAM."""
+
+    exit_code = ExitCode.WOULD_SWAP
+
+
+class ChecksFailedError(ExecutorError):
+    """`doctor`: at least one check failed."""
+
+    exit_code = ExitCode.CHECK_FAILED

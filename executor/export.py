@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from executor import openai_batch
-from executor.errors import NotFoundError, UsageError
+from executor.errors import UsageError
 from executor.store import Database, queue
 from executor.store.schema import ItemStatus
 
 NOT_DONE = (ItemStatus.FAILED, ItemStatus.INVALID, ItemStatus.CANCELLED)
-
-
-FORMATS = ("executor", "openai")
+FORMATS = ("executor", "openai")  # ours (one object per item) and OpenAI's batch output
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,7 @@ def export_job(
     with `include_failed`). `fmt` "openai": OpenAI Batch API output lines; failed requests go
     to `errors` if given, else into the output among the others.
     """
-    job = queue.get_job(db, job_id)
-    if job is None:
-        raise NotFoundError(f"no job {job_id}", hint="`executor status` lists the jobs")
+    job = queue.require_job(db, job_id)
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if errors and fmt != "openai":

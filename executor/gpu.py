@@ -12,7 +12,15 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from executor.plan import Device
+
+@dataclass(frozen=True)
+class Device:
+    """A GPU as the plan sees it."""
+
+    name: str
+    uuid: str
+    total: int
+    free: int
 
 
 @dataclass(frozen=True)
@@ -35,10 +43,6 @@ class Probe:
     gpus: list[GpuInfo] = field(default_factory=list)
     driver: str | None = None
     problem: str | None = None  # "no NVIDIA driver", ... when gpus is empty
-
-    @property
-    def first(self) -> GpuInfo | None:
-        return self.gpus[0] if self.gpus else None
 
 
 def load_nvml() -> Any:

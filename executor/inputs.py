@@ -7,34 +7,26 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from executor.errors import InputError
-
-ROLES = ("system", "user", "assistant")
-PARAM_KEYS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repeat_penalty",
-    "seed",
-    "stop",
+from executor.fields import (
+    PARAM_KEYS,
+    LineError,
+    ModelResolver,
+    check_custom_id,
+    json_schema,
+    kind_of,
+    parse_messages,
+    parse_params,
 )
+from executor.openai_batch import parse_openai_line
+
 LINE_KEYS = ("prompt", "messages", "custom_id", "metadata", "json_schema", *PARAM_KEYS)
-MAX_SEED = 2**32 - 1
 MAX_REPORTED = 20  # bad lines listed one by one; the rest are counted
-
-
-class LineError(ValueError):
-    """What is wrong with one input line."""
-
-
-ModelResolver = Callable[[str], str]  # a model name from a line → GGUF path; LineError if none
 
 
 @dataclass(frozen=True)
@@ -151,8 +143,6 @@ def _entry(raw: bytes, number: int, seen: dict[str, int], model_for: ModelResolv
             custom_id = check_custom_id(data["custom_id"])
         model = None
         if "body" in data or "url" in data:  # an OpenAI Batch API line
-            from executor.openai_batch import parse_openai_line
-
             request, model = parse_openai_line(data, model_for)
         else:
             request = parse_request(data)
@@ -172,14 +162,6 @@ def _load_object(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LineError(f"expected a JSON object, got {kind_of(data)}")
     return data
-
-
-def check_custom_id(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise LineError(f"custom_id must be a non-empty string, got {kind_of(value)}")
-    if len(value) > 512:
-        raise LineError("custom_id is longer than 512 characters")
-    return value
 
 
 def parse_request(data: dict[str, Any]) -> dict[str, Any]:
@@ -214,109 +196,6 @@ def parse_request(data: dict[str, Any]) -> dict[str, Any]:
             raise LineError(f"metadata must be an object, got {kind_of(data['metadata'])}")
         request["metadata"] = data["metadata"]
     return request
-
-
-def json_schema(value: Any) -> dict[str, Any]:
-    """A JSON schema (an object); whether llama.cpp can turn it into a grammar is checked
-    when the item runs, and an item whose schema cannot be converted fails with the reason."""
-    if not isinstance(value, dict):
-        raise LineError(f"json_schema must be an object, got {kind_of(value)}")
-    return value
-
-
-def parse_messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise LineError(f"messages must be a non-empty list, got {kind_of(value)}")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise LineError(f"{where} must be an object, got {kind_of(message)}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise LineError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
-        content = message.get("content")
-        if isinstance(content, list):  # OpenAI's content parts: text only
-            content = _text_parts(content, where)
-        if not isinstance(content, str):
-            raise LineError(f"{where}.content must be a string, got {kind_of(content)}")
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] == "assistant":
-        raise LineError("the last message is the assistant's; nothing to answer")
-    return messages
-
-
-def _text_parts(parts: list[Any], where: str) -> str:
-    texts = []
-    for part in parts:
-        if not (
-            isinstance(part, dict)
-            and part.get("type") == "text"
-            and isinstance(part.get("text"), str)
-        ):
-            raise LineError(f"{where}.content: only text parts are supported")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
-def parse_params(data: dict[str, Any]) -> dict[str, Any]:
-    """The generation parameters present in `data`, type-checked."""
-    params: dict[str, Any] = {}
-    if "max_tokens" in data:
-        params["max_tokens"] = _int(data["max_tokens"], "max_tokens", 1, None)
-    if "temperature" in data:
-        params["temperature"] = _number(data["temperature"], "temperature", 0.0, 5.0)
-    if "top_p" in data:
-        params["top_p"] = _number(data["top_p"], "top_p", 0.0, 1.0)
-    if "top_k" in data:
-        params["top_k"] = _int(data["top_k"], "top_k", 0, None)
-    if "min_p" in data:
-        params["min_p"] = _number(data["min_p"], "min_p", 0.0, 1.0)
-    if "repeat_penalty" in data:
-        params["repeat_penalty"] = _number(data["repeat_penalty"], "repeat_penalty", 0.0, 5.0)
-    if "seed" in data:
-        params["seed"] = _int(data["seed"], "seed", 0, MAX_SEED)
-    if "stop" in data:
-        params["stop"] = _stop(data["stop"])
-    return params
-
-
-def _int(value: Any, key: str, low: int, high: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise LineError(f"{key} must be an integer, got {kind_of(value)}")
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise LineError(f"{key} must be {bounds}, got {value}")
-    return value
-
-
-def _number(value: Any, key: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise LineError(f"{key} must be a number, got {kind_of(value)}")
-    if not low <= value <= high:
-        raise LineError(f"{key} must be between {low:g} and {high:g}, got {value}")
-    return float(value)
-
-
-def _stop(value: Any) -> list[str]:
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise LineError("stop must be a non-empty string or a list of non-empty strings")
-    return stops
-
-
-def kind_of(value: Any) -> str:
-    """A JSON-ish name for a value's type, for messages."""
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
 
 
 def format_problems(scan: Scan) -> list[str]:

@@ -24,9 +24,10 @@ import yaml
 
 from executor.config import OPTIONS, Settings, load_settings
 from executor.errors import ConfigError
+from executor.export import FORMATS
+from executor.records import JOB_PARAMS
 from executor.units import parse_size
 
-GENERATION_KEYS = ("max_tokens", "temperature", "top_p", "seed")
 LOAD_KEYS = ("ctx", "parallel", "vram_cap")
 SPEC_KEYS = (
     "min_vram",
@@ -39,10 +40,9 @@ SPEC_KEYS = (
     "errors",
     "with_provenance",
     "include_failed",
-    *GENERATION_KEYS,
+    *JOB_PARAMS,
     *LOAD_KEYS,
 )
-FORMATS = ("executor", "openai")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def read_spec(path: str | Path) -> JobSpec:
     if "input" not in data:
         raise ConfigError(f"{path}: input is required (the prompt file to run)")
     settings: dict[str, Any] = {}
-    for key in (*GENERATION_KEYS, *LOAD_KEYS):
+    for key in (*JOB_PARAMS, *LOAD_KEYS):
         if key in data:
             try:
                 settings[key] = OPTIONS[key].parse(data[key])

@@ -1,8 +1,11 @@
-"""Loading a model under the VRAM cap: plan, load, measure, and on out-of-memory shrink.
+"""Loading a model under the VRAM cap: gather what the plan needs, plan, load, measure, shrink.
 
 The sequence for one model:
-  1. plan (planning.plan_for): the most layers whose predicted footprint fits the cap, never
-     more than a count remembered to work or a ceiling lowered by an OOM earlier in this run;
+  1. gather (plan_for): the model's tensor table, the GPU and its free memory (NVML), the RAM,
+     and what past loads on this card taught (a layer count that worked, a measured excess);
+     then the pure plan (executor.plan): the most layers whose predicted footprint fits the
+     cap, never more than a count remembered to work or a ceiling lowered by an OOM earlier in
+     this run; on a GPU, llama.cpp's own dry run confirms (or corrects) the compute buffer;
   2. start the model process with that many layers;
   3. measure the process's VRAM with NVML; above the cap (the cap is a ceiling, not a hint)
      kill it and shrink by the overshoot;
@@ -31,18 +34,21 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from executor import gpu
+from executor import gpu, system
 from executor.config import Settings
 from executor.engine.faults import Faults
-from executor.errors import ModelError
-from executor.models import check_default_hash, check_gguf, model_sha256
-from executor.plan import kv_layer_bytes, parts_for
-from executor.planning import PlanReport, flash_attn_for, load_spec, plan_for
+from executor.errors import ConfigError, ModelError
+from executor.gguf_info import ModelInfo, read_model_info
+from executor.gpu import Device
+from executor.models import cached_model_sha256, check_default_hash, check_gguf, model_sha256
+from executor.plan import Plan, PlanRequest, choose_parallel, kv_layer_bytes, make_plan, parts_for
+from executor.records import DryRun, LoadSpec
 from executor.store import Database
 from executor.store import loads as load_store
+from executor.store.loads import ConfigKey
 from executor.store.schema import LoadOutcome
-from executor.supervisor import Died, ModelLoadFailed, ModelProcess
-from executor.units import format_bytes
+from executor.supervisor import Died, ModelLoadFailed, ModelProcess, dry_run
+from executor.units import format_bytes, parse_cap, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,205 @@ OOM = re.compile(
 def is_oom(text: str) -> bool:
     """Whether llama.cpp/CUDA's words for running out of memory appear in `text`."""
     return bool(OOM.search(text))
+
+
+# --- gathering and planning ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """A plan with everything that went into it, for `executor plan` and the worker."""
+
+    model: ModelInfo
+    plan: Plan
+    key: ConfigKey
+    probe: gpu.Probe | None  # None when planning for a card given by --gpu-total
+    known_layers: int | None
+    dry_run: DryRun | None = None
+    dry_run_note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "model": {
+                "path": m.path,
+                "architecture": m.architecture,
+                "layers": m.n_layer,
+                "file_size": m.file_size,
+                "weights": m.weights_bytes,
+                "quantization": m.quantization,
+                "sha256": self.key.model_sha256,
+            },
+            "gpu": None if self.plan.device is None else vars(self.plan.device),
+            "gpu_problem": self.probe.problem if self.probe else None,
+            "plan": self.plan.as_dict(),
+            "remembered_layers": self.known_layers,
+            "dry_run": None if self.dry_run is None else vars(self.dry_run),
+            "dry_run_note": self.dry_run_note,
+        }
+
+
+def plan_for(
+    settings: Settings,
+    db: Database,
+    model_path: str | Path,
+    *,
+    nvml: Any | None = None,
+    gpu_total: str | None = None,
+    ram_total: str | None = None,
+    use_dry_run: bool | None = None,
+    sha256: str | None = None,
+) -> PlanReport:
+    """Plan a load of `model_path` on this machine's first GPU (or a card of `gpu_total`).
+
+    With `gpu_total` the plan is for another machine: its RAM is `ram_total` if given, and
+    this machine's RAM is not checked. `use_dry_run`: ask llama.cpp to confirm the sizes
+    (None: only when a GPU is there, where the compute buffer matters most).
+    """
+    path = Path(model_path)
+    info = read_model_info(path)
+    probe: gpu.Probe | None = None
+    if gpu_total:
+        try:
+            total = parse_size(gpu_total)
+        except ValueError as exc:
+            raise ConfigError(f"--gpu-total: {exc}") from None
+        device: Device | None = Device(
+            name=f"a {format_bytes(total)} card (--gpu-total)",
+            uuid="planned",
+            total=total,
+            free=total,
+        )
+    else:
+        probe = gpu.probe(nvml)
+        card = gpu.pick(probe, settings.gpu)
+        device = card.as_device() if card else None
+    cap = (
+        parse_cap(settings.vram_cap).resolve(device.total) if settings.vram_cap and device else None
+    )
+    parallel = settings.parallel
+    if parallel == "auto":
+        parallel = choose_parallel(
+            info, device, _request(settings, device, 1, cap, gpu_total, ram_total)
+        )
+    # Hashing a 64 GB file takes minutes: plan from the cached hash; the worker hashes.
+    sha256 = sha256 or cached_model_sha256(db, path) or ""
+    key = ConfigKey(
+        model_sha256=sha256,
+        gpu_uuid=device.uuid if device else "cpu",
+        cap_setting=settings.vram_cap or "",
+        n_ctx=settings.ctx,
+        parallel=parallel,
+    )
+    remembered = device is not None and bool(sha256)
+    known = load_store.known_layers(db, key) if remembered else None
+    request = replace(
+        _request(settings, device, parallel, cap, gpu_total, ram_total),
+        correction=load_store.measured_excess(db, key) if remembered else 0,
+        known_layers=known,
+    )
+    plan = make_plan(info, device, request)
+    report = PlanReport(info, plan, key, probe, known)
+    if gpu_total:
+        return replace(
+            report, dry_run_note="no dry run: the card is not in this machine (--gpu-total)"
+        )
+    if settings.engine == "llama" and (use_dry_run or (use_dry_run is None and device)):
+        return _confirm_with_dry_run(settings, report, device, request)
+    return report
+
+
+def flash_attn_for(settings: Settings, device: Device | None) -> bool:
+    """auto: on when layers go to a GPU (it keeps the compute buffer small), off on the CPU."""
+    if settings.flash_attn == "auto":
+        return device is not None
+    return settings.flash_attn == "on"
+
+
+def _request(
+    settings: Settings,
+    device: Device | None,
+    parallel: int,
+    cap: int | None,
+    gpu_total: str | None,
+    ram_total: str | None,
+) -> PlanRequest:
+    """The plan request the settings describe, before memory of past loads is added."""
+    return PlanRequest(
+        n_ctx=settings.ctx,
+        parallel=parallel,
+        cache_type_k=settings.cache_type,
+        cache_type_v=settings.cache_type,
+        n_batch=settings.n_batch,
+        n_ubatch=settings.n_ubatch,
+        flash_attn=flash_attn_for(settings, device),
+        vram_cap=cap,
+        gpu_layers=None if settings.gpu_layers == "auto" else int(settings.gpu_layers),
+        ram_available=_ram(gpu_total, ram_total),
+    )
+
+
+def _ram(gpu_total: str | None, ram_total: str | None) -> int | None:
+    if ram_total:
+        try:
+            return parse_size(ram_total)
+        except ValueError as exc:
+            raise ConfigError(f"--ram-total: {exc}") from None
+    return None if gpu_total else system.ram_available()
+
+
+def _confirm_with_dry_run(
+    settings: Settings,
+    report: PlanReport,
+    device: Device | None,
+    request: PlanRequest,
+) -> PlanReport:
+    """Ask llama.cpp for its exact buffer sizes; correct the plan if the GPU needs more."""
+    info = report.model
+    for _ in range(2):  # the corrected plan may move the layer count once
+        spec = LoadSpec.from_settings(
+            settings,
+            info.path,
+            report.plan.n_gpu_layers,
+            flash_attn=request.flash_attn,
+            parallel=request.parallel,
+        )
+        result = dry_run(spec)
+        if isinstance(result, str):
+            return replace(report, dry_run_note=f"llama.cpp dry run not available: {result}")
+        report = replace(report, dry_run=result)
+        if device is not None and not result.gpu_offload_supported:
+            cpu_plan = make_plan(info, None, request)
+            note = (
+                "this llama-cpp-python was built without GPU offload: everything runs on "
+                "the CPU (reinstall it with CMAKE_ARGS=-DGGML_CUDA=on)"
+            )
+            return replace(report, plan=replace(cpu_plan, notes=(note, *cpu_plan.notes)))
+        gpu_compute = sum(
+            size
+            for name, size in result.compute.items()
+            if name != "CPU" and not name.endswith("_Host")
+        )
+        if (
+            device is None
+            or report.plan.n_gpu_layers == 0
+            or gpu_compute <= report.plan.gpu.compute_buffer
+        ):
+            return replace(report, dry_run_note="llama.cpp dry run confirms the compute buffer")
+        extra = gpu_compute - report.plan.gpu.compute_buffer
+        request = replace(request, correction=request.correction + extra)
+        report = replace(
+            report,
+            plan=make_plan(info, device, request),
+            dry_run_note=(
+                f"llama.cpp dry run: the GPU compute buffer is {format_bytes(extra)} larger "
+                "than estimated; plan corrected"
+            ),
+        )
+    return report
+
+
+# --- loading --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -166,7 +371,7 @@ class ModelLoader:
             predicted_vram=estimate if device else None,
             plan=plan.as_dict(),
         )
-        spec = load_spec(
+        spec = LoadSpec.from_settings(
             settings,
             str(path),
             layers,

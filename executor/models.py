@@ -72,6 +72,19 @@ def resolve_model(setting: str | None, aliases: dict[str, str] | None = None) ->
     )
 
 
+def describe_model(setting: str | None, source: str = "default") -> dict[str, object]:
+    """`executor model`: where the model is, its size and sha256 (checked for the default)."""
+    path = resolve_model(setting)
+    sha = sha256_file(path)
+    return {
+        "path": str(path),
+        "size": path.stat().st_size,
+        "sha256": sha,
+        "default_model": check_default_hash(path, sha),
+        "source": source,
+    }
+
+
 def check_gguf(path: Path) -> None:
     """Refuse files that are not GGUF before a model process is started for them."""
     with open(path, "rb") as f:

@@ -14,15 +14,8 @@ import hashlib
 import time
 from typing import Any
 
-from executor.inputs import (
-    LineError,
-    ModelResolver,
-    check_custom_id,
-    json_schema,
-    kind_of,
-    parse_messages,
-    parse_params,
-)
+from executor import fields
+from executor.fields import LineError, ModelResolver
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 LINE_KEYS = {"custom_id", "method", "url", "body"}
@@ -55,7 +48,7 @@ def parse_openai_line(
         )
     if "custom_id" not in data:
         raise LineError("OpenAI batch lines need a custom_id")
-    check_custom_id(data["custom_id"])
+    fields.check_custom_id(data["custom_id"])
     if data.get("method", "POST") != "POST":
         raise LineError(f"method must be POST, got {data.get('method')!r}")
     url = data.get("url")
@@ -63,7 +56,7 @@ def parse_openai_line(
         raise LineError(f"unsupported url {url!r} (supported: {', '.join(URLS)})")
     body = data.get("body")
     if not isinstance(body, dict):
-        raise LineError(f"body must be an object, got {kind_of(body)}")
+        raise LineError(f"body must be an object, got {fields.kind_of(body)}")
     unknown = sorted(set(body) - BODY_KEYS - IGNORED_BODY_KEYS)
     if unknown:
         raise LineError(f"body.{unknown[0]} is not supported")
@@ -83,17 +76,17 @@ def parse_openai_line(
             raise LineError("body.messages is required for /v1/chat/completions")
         if "prompt" in body:
             raise LineError("body.prompt does not belong in /v1/chat/completions")
-        request["messages"] = parse_messages(body["messages"])
+        request["messages"] = fields.parse_messages(body["messages"])
     else:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise LineError("body.prompt must be a non-empty string for /v1/completions")
         request["prompt"] = prompt
-    fields = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if k in body}
+    given = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if k in body}
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None:
-        fields["max_tokens"] = limit
-    params = parse_params(fields)
+        given["max_tokens"] = limit
+    params = fields.parse_params(given)
     if params:
         request["params"] = params
     schema = _response_format(body.get("response_format"))
@@ -119,7 +112,7 @@ def _response_format(value: Any) -> dict[str, Any] | None:
     spec = value.get("json_schema")
     if not isinstance(spec, dict) or "schema" not in spec:
         raise LineError("body.response_format.json_schema needs a schema")
-    return json_schema(spec["schema"])
+    return fields.json_schema(spec["schema"])
 
 
 # --- output --------------------------------------------------------------------------------------

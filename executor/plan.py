@@ -22,10 +22,11 @@ log) for the default model and for 7B/13B/70B-shaped synthetic headers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from executor.gguf_info import ModelInfo
+from executor.gpu import Device
 from executor.units import format_bytes
 
 MiB = 2**20
@@ -48,16 +49,6 @@ KV_TYPE_BYTES = {
 
 def pad(n: int, to: int = 256) -> int:
     return (n + to - 1) // to * to
-
-
-@dataclass(frozen=True)
-class Device:
-    """A GPU as the plan sees it."""
-
-    name: str
-    uuid: str
-    total: int
-    free: int
 
 
 @dataclass(frozen=True)
@@ -117,7 +108,7 @@ class Plan:
     ram_available: int | None
     ram_ok: bool
     request: PlanRequest
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -242,6 +233,12 @@ def make_plan(model: ModelInfo, device: Device | None, req: PlanRequest) -> Plan
     gpu, cpu = parts_for(model, req, k, kv, device is not None)
     n_ctx_seq, full_cells, _ = kv_cells(model, req)
     ram_ok = req.ram_available is None or cpu.total + OS_RESERVE <= req.ram_available
+    if not ram_ok:
+        ram_note = (
+            f"RAM: the CPU part ({format_bytes(cpu.total)}) plus {format_bytes(OS_RESERVE)} for "
+            f"the system does not fit in {format_bytes(req.ram_available)} available: the run "
+            "would page from disk and be extremely slow"
+        )
     plan = Plan(
         n_gpu_layers=k,
         max_layers=max_layers,
@@ -258,17 +255,12 @@ def make_plan(model: ModelInfo, device: Device | None, req: PlanRequest) -> Plan
         ram_available=req.ram_available,
         ram_ok=ram_ok,
         request=req,
-        notes=notes,
     )
     if device is not None:
         notes.extend(explain(model, plan, kv))
     if not ram_ok:
-        notes.append(
-            f"RAM: the CPU part ({format_bytes(cpu.total)}) plus {format_bytes(OS_RESERVE)} for "
-            f"the system does not fit in {format_bytes(req.ram_available)} available: the run "
-            "would page from disk and be extremely slow"
-        )
-    return plan
+        notes.append(ram_note)
+    return replace(plan, notes=tuple(notes))
 
 
 def applied_cap(device: Device | None, user_cap: int | None) -> tuple[int | None, str]:
@@ -353,3 +345,25 @@ def explain(model: ModelInfo, plan: Plan, kv: list[int]) -> list[str]:
 
 def _more_fit(n: int) -> str:
     return "1 more layer fits" if n == 1 else f"{n} more layers fit"
+
+
+# Measured on 2 CPU cores with the default model (benchmarks/throughput.py): completion
+# tokens/s 61, 91, 114 and 125 at parallel 1, 2, 4 and 8. Past 8 the gain flattens while each
+# sequence adds a whole context of KV cache.
+CPU_PARALLEL = 8
+GPU_PARALLEL_CHOICES = (16, 8, 4, 2)
+
+
+def choose_parallel(info: ModelInfo, device: Device | None, single: PlanRequest) -> int:
+    """`--parallel auto`: on the CPU a fixed 8; on a GPU the most sequences whose KV cache
+    fits under the cap without moving a single layer off the GPU."""
+    if device is None:
+        return CPU_PARALLEL
+    layers = make_plan(info, device, single).n_gpu_layers
+    if layers == 0:
+        return CPU_PARALLEL
+    for parallel in GPU_PARALLEL_CHOICES:
+        plan = make_plan(info, device, replace(single, parallel=parallel))
+        if plan.n_gpu_layers >= layers and plan.fits:
+            return parallel
+    return 1

@@ -1,56 +1,23 @@
-"""`executor status`: per job counts, tokens, tokens/s and ETA, as rows or as a table."""
+"""Everything the CLI draws for people: the tables of status, plan, doctor, workers and
+settings, and the one-line notes after export and run. Pure functions of data; no I/O."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from executor.errors import NotFoundError
-from executor.progress import format_duration
-from executor.store import Database, queue
-from executor.store.schema import ItemStatus, JobStatus
+from executor.units import format_bytes, format_duration
 
-
-def job_rows(db: Database, job_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """One dict per job (newest first), the same data `--json` prints."""
-    jobs = queue.list_jobs(db, job_id=job_id, limit=limit)
-    if job_id is not None and not jobs:
-        raise NotFoundError(f"no job {job_id}", hint="`executor status` lists the jobs")
-    rows = []
-    for state in queue.progress(db, jobs):
-        job = state.job
-        counts = {s.value: state.counts.get(s, 0) for s in ItemStatus}
-        processed = counts["done"] + counts["failed"]
-        # Rate over the job's working time so far: first claim to the latest result (a
-        # stopped worker does not make the rate decay while nobody works).
-        elapsed = None
-        if job.started_at is not None and state.last_result_at is not None:
-            elapsed = max((state.last_result_at - job.started_at).total_seconds(), 1e-3)
-        tokens_per_s = state.completion_tokens / elapsed if elapsed and processed else None
-        eta = None
-        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and elapsed and processed:
-            eta = state.remaining * elapsed / processed
-        rows.append(
-            {
-                "id": job.id,
-                "name": job.name,
-                "status": job.status.value,
-                "model": job.model,
-                "items": job.item_count,
-                "counts": counts,
-                "prompt_tokens": state.prompt_tokens,
-                "completion_tokens": state.completion_tokens,
-                "tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),
-                "eta_s": None if eta is None else round(eta),
-                "created_at": job.created_at.isoformat() + "Z",
-                "started_at": job.started_at.isoformat() + "Z" if job.started_at else None,
-                "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
-                "error": job.error,
-            }
-        )
-    return rows
+if TYPE_CHECKING:
+    from executor.config import Settings
+    from executor.doctor import Check
+    from executor.export import Exported
+    from executor.loader import PlanReport
+    from executor.worker import RunSummary
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_jobs(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table for people."""
     if not rows:
         return "no jobs yet: `executor submit FILE` queues one"
@@ -93,3 +60,131 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ]
     errors = [f"job {r['id']}: {r['error']}" for r in rows if r["error"]]
     return "\n".join(lines + errors)
+
+
+def format_plan(report: PlanReport) -> str:
+    """The plan as a table for people."""
+    m, plan = report.model, report.plan
+    lines = [
+        f"model     {Path(m.path).name}  ({m.architecture}, {m.n_layer} blocks, "
+        f"{m.quantization or '?'}, {format_bytes(m.file_size)})",
+    ]
+    if plan.device is None:
+        problem = report.probe.problem if report.probe else None
+        lines.append(f"GPU       none{f' ({problem})' if problem else ''}")
+    else:
+        d = plan.device
+        lines.append(
+            f"GPU       {d.name}: {format_bytes(d.total)} total, {format_bytes(d.free)} free"
+        )
+        lines.append(f"cap       {format_bytes(plan.cap)}  ({plan.cap_reason})")
+    r = plan.request
+    lines.append(
+        f"context   {r.n_ctx} tokens × {r.parallel} sequence{'s' * (r.parallel > 1)}, "
+        f"KV {r.cache_type_k}, flash attention {'on' if r.flash_attn else 'off'}, "
+        f"ubatch {plan.n_ubatch}"
+    )
+    where = (
+        f"the output layer + last {plan.gpu_blocks} blocks"
+        if plan.n_gpu_layers
+        else "everything on the CPU"
+    )
+    lines.append(f"layers    {plan.n_gpu_layers} of {plan.max_layers} on the GPU ({where})")
+    if report.known_layers is not None:
+        lines.append(
+            f"memory    {report.known_layers} layers loaded and ran on this card "
+            "before with these settings"
+        )
+    lines.append("")
+    rows = [
+        ("layer weights", plan.gpu.layer_weights, plan.cpu.layer_weights),
+        ("output layer", plan.gpu.output_layer, plan.cpu.output_layer),
+        ("token embedding", None, plan.cpu.token_embedding),
+        ("KV cache", plan.gpu.kv_cache, plan.cpu.kv_cache),
+        ("compute buffer", plan.gpu.compute_buffer, plan.cpu.compute_buffer),
+        ("output buffer", None, plan.cpu.output_buffer),
+        ("CUDA reserve", plan.gpu.cuda_reserve, None),
+    ]
+    if plan.gpu.correction:
+        rows.append(("measured excess", plan.gpu.correction, None))
+    rows.append(("total", plan.gpu.total, plan.cpu.total))
+    lines.append(f"{'':18}{'GPU':>12}{'CPU':>12}")
+    for label, g, c in rows:
+        lines.append(f"{label:18}{_cell(g, plan.device is not None):>12}{_cell(c, True):>12}")
+    lines.append("")
+    if plan.ram_available is not None:
+        state = "OK" if plan.ram_ok else "NOT ENOUGH"
+        lines.append(
+            f"RAM       {format_bytes(plan.ram_available)} available for the CPU part: {state}"
+        )
+    if report.dry_run is not None:
+        compute = ", ".join(f"{k} {format_bytes(v)}" for k, v in report.dry_run.compute.items())
+        lines.append(
+            f"llama.cpp dry run: compute {compute}; KV {format_bytes(report.dry_run.kv_bytes)}"
+        )
+    if report.dry_run_note:
+        lines.append(report.dry_run_note)
+    lines += [f"note      {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _cell(value: int | None, shown: bool) -> str:
+    if value is None or not shown:
+        return "-"
+    return format_bytes(value)
+
+
+def format_checks(checks: list[Check]) -> str:
+    """One line per check: state, name, detail; a hint below when there is one."""
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        lines.append(f"{c.state:4}  {c.name:{width}}  {c.detail}")
+        if c.hint:
+            lines.append(f"{'':4}  {'':{width}}  hint: {c.hint}")
+    return "\n".join(lines)
+
+
+def format_workers(rows: list[dict[str, Any]]) -> str:
+    """`executor workers`: live ones first."""
+    if not rows:
+        return "no workers have run on this database yet"
+    lines = [f"{'STATE':8} {'HOST':16} {'GPU':28} {'JOB':>5} {'TOK/S':>7} {'BEAT':>8}  MODEL"]
+    for r in rows:
+        state = "live" if r["alive"] else ("stopped" if r["stopped_at"] else "dead")
+        gpu = f"{r['gpu_name'] or 'cpu'} {r['gpu_uuid'][:12] if r['gpu_uuid'] != 'cpu' else ''}"
+        lines.append(
+            f"{state:8} {r['host'][:16]:16} {gpu.strip()[:28]:28} {r['job_id'] or '-':>5} "
+            f"{r['tokens_per_s'] if r['tokens_per_s'] is not None else '-':>7} "
+            f"{r['heartbeat_age_s']:>7.0f}s  {Path(r['model']).name if r['model'] else '-'}"
+        )
+    return "\n".join(lines)
+
+
+def format_settings(settings: Settings, values: dict[str, Any], helps: dict[str, str]) -> str:
+    """`executor config show`: every setting, its value, where it came from, what it does."""
+    lines = [f"config file: {settings.config_file or 'none'}"]
+    width = max(map(len, values))
+    for key, value in values.items():
+        shown = json.dumps(value) if isinstance(value, dict) else value
+        lines.append(f"{key:{width}}  {shown!s:24}  {settings.sources[key]:28}  {helps[key]}")
+    return "\n".join(lines)
+
+
+def export_note(result: Exported, output: str | None, errors: str | None) -> str:
+    """`job 3: exported 120 of 300 items to out.jsonl (job is running)`"""
+    where = "stdout" if output in (None, "-") else output
+    note = "" if result.job_status == "done" else f" (job is {result.job_status})"
+    failed = f", {result.failed} failed to {errors}" if errors else ""
+    return (
+        f"job {result.job_id}: exported {result.lines} of {result.item_count} items to "
+        f"{where}{failed}{note}"
+    )
+
+
+def run_note(summary: RunSummary, elapsed: float) -> str:
+    """`run finished: 12 done, 0 failed, 1532 tokens in 24.1s`"""
+    return (
+        f"run {'stopped' if summary.stopped_by_signal else 'finished'}: {summary.done} done, "
+        f"{summary.failed} failed, {summary.completion_tokens} tokens in {elapsed:.1f}s"
+    )

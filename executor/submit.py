@@ -11,10 +11,10 @@ from typing import Any
 
 from executor.config import Settings
 from executor.errors import InputError
-from executor.inputs import LineError, ModelResolver, PromptFile, format_problems
-from executor.jobspec import read_spec, spec_settings
+from executor.fields import LineError, ModelResolver
+from executor.inputs import PromptFile, format_problems
 from executor.models import resolve_model
-from executor.store import Database, open_database, queue
+from executor.store import Database, queue
 from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus
 
@@ -113,30 +113,6 @@ def _new_items(prompts: PromptFile, expected_sha256: str) -> Iterator[NewItem]:
             )
     if digest.hexdigest() != expected_sha256:
         raise InputError(f"{prompts.display} changed while it was being read; nothing was queued")
-
-
-def submit_spec(
-    spec_path: str,
-    flags: dict[str, Any],
-    *,
-    config: str | None = None,
-    force: bool = False,
-    skip_invalid: bool = False,
-) -> Submitted:
-    """Submit the job a spec describes (its input, model, settings and schema)."""
-    spec = read_spec(spec_path)
-    settings = spec_settings(spec, flags, config)
-    return submit(
-        settings,
-        open_database(settings.db_url),
-        str(spec.input),
-        name=spec.name,
-        force=force,
-        skip_invalid=skip_invalid,
-        json_schema=spec.json_schema,
-        load=spec.load,
-        min_vram=spec.min_vram,
-    )
 
 
 def _model_resolver(settings: Settings) -> ModelResolver:

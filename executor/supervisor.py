@@ -13,33 +13,27 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from executor.engine import DryRun, GenerationRequest, LoadSpec
 from executor.engine.child import dry_run_main
 from executor.engine.child import main as child_main
 from executor.engine.faults import Faults
-from executor.store.queue import ResultRecord
+from executor.records import (
+    Batch,
+    BatchDone,
+    Drop,
+    DryRun,
+    GenerationRequest,
+    ItemDone,
+    ItemFailed,
+    ItemStarted,
+    LoadSpec,
+    Ready,
+    Stop,
+)
 
 log = logging.getLogger(__name__)
 
 LOG_ROTATE_BYTES = 20 * 2**20
 TAIL_BYTES = 4000
-
-
-@dataclass(frozen=True)
-class Started:
-    item_id: int
-
-
-@dataclass(frozen=True)
-class Finished:
-    item_id: int
-    record: ResultRecord
-
-
-@dataclass(frozen=True)
-class ItemFailed:
-    item_id: int
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -55,12 +49,7 @@ class Tick:
     """Nothing happened for a while: time for heartbeats, progress and stop checks."""
 
 
-@dataclass(frozen=True)
-class BatchDone:
-    pass
-
-
-Event = Started | Finished | ItemFailed | Died | Tick | BatchDone
+Event = ItemStarted | ItemDone | ItemFailed | Died | Tick | BatchDone
 
 
 class ModelLoadFailed(Exception):
@@ -114,8 +103,8 @@ class ModelProcess:
                 except EOFError:
                     ready = [self._process.sentinel]
                 else:
-                    if message[0] == "ready":
-                        self.info = message[1]
+                    if isinstance(message, Ready):
+                        self.info = message.info
                         log.info(
                             "model loaded in %.1fs (pid %s): %s",
                             time.monotonic() - started,
@@ -124,7 +113,7 @@ class ModelProcess:
                         )
                         return self.info
                     self.kill()
-                    raise ModelLoadFailed(f"{message[1]}{self._tail_note()}", crashed=False)
+                    raise ModelLoadFailed(f"{message.reason}{self._tail_note()}", crashed=False)
             if self._process.sentinel in ready:
                 self._process.join()
                 raise ModelLoadFailed(self._death_reason("while loading"), crashed=True)
@@ -138,7 +127,7 @@ class ModelProcess:
         """Send a batch; yield what happens until the batch is done or the process dies."""
         assert self._process is not None and self._conn is not None
         try:
-            self._conn.send(("batch", requests))
+            self._conn.send(Batch(requests))
         except (BrokenPipeError, OSError):
             yield self._died()
             return
@@ -153,15 +142,8 @@ class ModelProcess:
                 except (EOFError, OSError):
                     yield self._died()
                     return
-                kind = message[0]
-                if kind == "start":
-                    yield Started(message[1])
-                elif kind == "result":
-                    yield Finished(message[1], message[2])
-                elif kind == "error":
-                    yield ItemFailed(message[1], message[2])
-                elif kind == "batch_done":
-                    yield BatchDone()
+                yield message
+                if isinstance(message, BatchDone):
                     return
                 continue
             # The sentinel fired and no message is pending: the process is gone.
@@ -172,14 +154,14 @@ class ModelProcess:
         """Tell the process to skip these items of the current batch (not yet started)."""
         if self._conn is not None and item_ids:
             with suppress(OSError):  # already dead: the death is reported by run()
-                self._conn.send(("drop", item_ids))
+                self._conn.send(Drop(item_ids))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the process to exit after its current item; kill it if it does not."""
         if self._process is None:
             return
         with suppress(OSError):
-            self._conn.send(("stop",))
+            self._conn.send(Stop())
         self._process.join(timeout)
         self.kill()
 

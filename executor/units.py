@@ -73,3 +73,17 @@ def format_bytes(n: int | float | None) -> str:
             digits = 2 if unit == "GiB" else 1
             return f"{sign}{n / size:.{digits}f} {unit}"
     return f"{sign}{int(n)} B"
+
+
+def format_duration(seconds: float | None) -> str:
+    """`1h02m`, `3m05s`, `42s`; `?` when unknown."""
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

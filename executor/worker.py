@@ -2,7 +2,8 @@
 
 Signal handlers only count signals; the loop looks at the count between events. One signal:
 stop claiming, let the item in flight finish (up to the stop timeout), release the rest. Two:
-stop now, releasing everything.
+stop now, releasing everything. The worker knows no screen: it reports its progress through
+`RunEvents`, which the CLI renders (a bar on a terminal, log lines under cron).
 """
 
 from __future__ import annotations
@@ -13,22 +14,21 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from executor import gpu
 from executor.config import Settings, xdg_dir
-from executor.engine import GenerationRequest
 from executor.errors import ModelError
 from executor.loader import Loaded, ModelLoader
-from executor.locks import worker_lock
-from executor.progress import Progress
+from executor.records import BatchDone, GenerationRequest, ItemDone, ItemFailed, ItemStarted
 from executor.store import Database, queue
 from executor.store import workers as registry
+from executor.store.locks import worker_lock
 from executor.store.queue import ClaimedItem, Job
 from executor.store.schema import JobStatus
-from executor.supervisor import BatchDone, Died, Finished, ItemFailed, Started, Tick
+from executor.supervisor import Died, Tick
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,68 @@ class RunSummary:
     stopped_by_signal: bool = False
 
 
+@dataclass
+class JobCounts:
+    """The job a worker is on: its items so far, and this run's pace on it."""
+
+    job_id: int
+    label: str
+    total: int
+    done: int  # finished items, those of earlier runs included
+    failed: int = 0  # failed in this run
+    items: int = 0  # finished in this run
+    tokens: int = 0  # completion tokens of this run
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, tokens: int, *, failed: bool = False) -> None:
+        self.done += 1
+        self.items += 1
+        self.failed += int(failed)
+        self.tokens += tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.monotonic() - self.started, 1e-9)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at this run's pace on the job; None before the first item."""
+        if not self.items:
+            return None
+        left = max(self.total - self.done, 0)
+        return left * (time.monotonic() - self.started) / self.items
+
+
+class RunEvents(Protocol):
+    """What a run reports as it goes (the CLI draws a bar or writes log lines from it)."""
+
+    def job_started(self, job: JobCounts) -> None: ...
+
+    def item_finished(self, job: JobCounts) -> None: ...
+
+    def tick(self, job: JobCounts | None) -> None:
+        """Nothing finished for a while (a second or so)."""
+        ...
+
+    def job_ended(self, job: JobCounts) -> None: ...
+
+
+class NoEvents:
+    """RunEvents that show nothing."""
+
+    def job_started(self, job: JobCounts) -> None:
+        pass
+
+    def item_finished(self, job: JobCounts) -> None:
+        pass
+
+    def tick(self, job: JobCounts | None) -> None:
+        pass
+
+    def job_ended(self, job: JobCounts) -> None:
+        pass
+
+
 def engine_log_path(db: Database) -> Path:
     """Where the model process writes (llama.cpp's log included), one file per database."""
     tag = hashlib.sha256(str(db.url).encode()).hexdigest()[:10]
@@ -60,29 +122,24 @@ class Worker:
     """Drains the queue with one model process, loading each model once."""
 
     def __init__(
-        self,
-        settings: Settings,
-        db: Database,
-        options: RunOptions,
-        progress: Progress,
-        loader: ModelLoader | None = None,
-        nvml: Any | None = None,
+        self, settings: Settings, db: Database, options: RunOptions, events: RunEvents
     ) -> None:
         self.settings = settings
         self.db = db
         self.options = options
-        self.progress = progress
-        self.card = gpu.pick(gpu.probe(nvml), settings.gpu)
+        self.events = events
+        self.card = gpu.pick(gpu.probe(), settings.gpu)
         self.host = socket.gethostname()
         # The worker's identity, and the owner of its leases: one worker per GPU per host.
         self.id = f"{self.host}:{self.card.uuid if self.card else 'cpu'}"
         self.signals = 0
         self.summary = RunSummary()
-        self.loader = loader or ModelLoader(
-            settings, db, self.id, engine_log_path(db), nvml=nvml, stopping=lambda: self.stopping
+        self.loader = ModelLoader(
+            settings, db, self.id, engine_log_path(db), stopping=lambda: self.stopping
         )
         self.loaded: Loaded | None = None
         self.job: Job | None = None
+        self.counts: JobCounts | None = None
         self._housekept = 0.0
 
     # Signal handlers only count; everything else happens in the loop.
@@ -113,7 +170,7 @@ class Worker:
             try:
                 self._loop()
             finally:
-                self.progress.end_job()
+                self._end_job()
                 self._unload()
                 registry.stopped(self.db, self.id)
         self.summary.stopped_by_signal = self.stopping
@@ -136,7 +193,7 @@ class Worker:
                     self.db, self.options.job_id
                 ):
                     return
-                self.progress.end_job()
+                self._end_job()
                 # Draining: other workers' last items finish any moment; look again soon.
                 self._sleep(
                     min(self.settings.poll_seconds, 1.0)
@@ -170,7 +227,7 @@ class Worker:
                     lease_seconds=self.settings.lease_seconds,
                 )
             if batch:
-                self._begin_progress(job)
+                self._begin_job(job)
                 self._run_batch(job, batch)
 
     def _run_batch(self, job: Job, batch: list[ClaimedItem]) -> None:
@@ -186,9 +243,9 @@ class Worker:
         last_heartbeat = time.monotonic()
         stop_deadline: float | None = None
         for event in loaded.proc.run(requests):
-            if isinstance(event, Started):
+            if isinstance(event, ItemStarted):
                 in_flight.add(event.item_id)
-            elif isinstance(event, Finished):
+            elif isinstance(event, ItemDone):
                 recorded = queue.complete(
                     self.db,
                     event.item_id,
@@ -202,7 +259,7 @@ class Worker:
                 if recorded:
                     self.summary.done += 1
                     self.summary.completion_tokens += event.record.completion_tokens
-                    self.progress.item_finished(event.record.completion_tokens)
+                    self._item_finished(event.record.completion_tokens)
                 else:
                     self._drop_lost(job, pending, in_flight)
             elif isinstance(event, ItemFailed):
@@ -214,7 +271,7 @@ class Worker:
                 )
                 if queue.fail_item(self.db, event.item_id, owner=self.id, error=event.reason):
                     self.summary.failed += 1
-                    self.progress.item_finished(0, failed=True)
+                    self._item_finished(0, failed=True)
                 self._settled(event.item_id, pending, in_flight)
             elif isinstance(event, Died):
                 self._model_died(event, pending, in_flight)
@@ -222,7 +279,7 @@ class Worker:
             elif isinstance(event, BatchDone):
                 break
             elif isinstance(event, Tick):
-                self.progress.tick()
+                self.events.tick(self.counts)
                 self._housekeeping()
             if self.stopping and stop_deadline is None:
                 stop_deadline = time.monotonic() + self.options.stop_timeout
@@ -254,7 +311,7 @@ class Worker:
             self.id,
             model=self.loaded.model_path if self.loaded else None,
             job_id=self.job.id if self.job else None,
-            tokens_per_s=round(self.progress.rate.tokens_per_s, 2) if self.job else None,
+            tokens_per_s=round(self.counts.tokens_per_s, 2) if self.counts else None,
         )
         if not self.db.is_sqlite:
             reclaimed = queue.reclaim_stale(self.db)
@@ -309,7 +366,7 @@ class Worker:
                 extra={"item": item_id},
             )
             self.summary.failed += 1
-            self.progress.item_finished(0, failed=True)
+            self._item_finished(0, failed=True)
         queue.release(self.db, pending - in_flight, owner=self.id)
 
     def _ensure_model(self, job: Job) -> bool:
@@ -347,12 +404,24 @@ class Worker:
             self.loader.closed(self.loaded)
             self.loaded = None
 
-    def _begin_progress(self, job: Job) -> None:
-        if self.progress.job_id == job.id:
+    def _begin_job(self, job: Job) -> None:
+        if self.counts is not None and self.counts.job_id == job.id:
             return
+        self._end_job()
         (state,) = queue.progress(self.db, [job])
         label = f"job {job.id}" + (f" ({job.name})" if job.name else "")
-        self.progress.begin_job(job.id, label, job.item_count, state.finished)
+        self.counts = JobCounts(job.id, label, job.item_count, state.finished)
+        self.events.job_started(self.counts)
+
+    def _item_finished(self, tokens: int, *, failed: bool = False) -> None:
+        if self.counts is not None:
+            self.counts.add(tokens, failed=failed)
+            self.events.item_finished(self.counts)
+
+    def _end_job(self) -> None:
+        if self.counts is not None:
+            self.events.job_ended(self.counts)
+            self.counts = None
 
     def _finished(self) -> int:
         return self.summary.done + self.summary.failed
@@ -367,10 +436,10 @@ class Worker:
 
 
 def run_worker(
-    settings: Settings, db: Database, options: RunOptions, progress: Progress
+    settings: Settings, db: Database, options: RunOptions, events: RunEvents | None = None
 ) -> RunSummary:
     """Run a worker with SIGTERM/SIGINT handlers installed for its duration."""
-    worker = Worker(settings, db, options, progress)
+    worker = Worker(settings, db, options, events or NoEvents())
     previous = {s: signal.signal(s, worker.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return worker.run()

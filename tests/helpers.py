@@ -1,7 +1,9 @@
-"""Helpers for tests that drive real `executor` processes."""
+"""What tests call: the CLI in-process (fast) or as a real process (for crashes, signals and
+locks), JSON-lines files, and looks into a test database."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,7 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import ROOT
+from typer.testing import CliRunner
+
+from executor.cli import app
+from executor.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 60, what: str = "condition"):
@@ -85,3 +92,76 @@ def alive(pid: int) -> bool:
 
 def kill9(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
+
+
+def settings_for(db_path: Path, **flags: object) -> Settings:
+    """Settings as the CLI would build them, pointed at a test database."""
+    return load_settings({"db": str(db_path), **flags})
+
+
+def run_cli(
+    *args: str,
+    db_path: Path | None = None,
+    input: str | bytes | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run `executor ARGS` in this process with Typer's CliRunner (stdin `input`, extra
+    `env`); the answer looks like a finished process's. An unexpected exception is raised."""
+    extra = dict(env or {})
+    if db_path is not None:
+        extra["EXECUTOR_DB"] = str(db_path)
+    result = CliRunner().invoke(app, list(args), input=input, env=extra)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    done = subprocess.CompletedProcess(
+        ["executor", *args], result.exit_code, result.stdout, result.stderr
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"executor {' '.join(args)} exited {done.returncode}\n{done.stderr}")
+    return done
+
+
+def run_cli_process(
+    *args: str,
+    db_path: Path | None = None,
+    input: str | bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m executor ARGS` as a real process (stdin `input`, extra `env`)."""
+    full_env = {**os.environ, **(env or {})}
+    if db_path is not None:
+        full_env["EXECUTOR_DB"] = str(db_path)
+    # Bytes in and out, so that tests can feed invalid UTF-8.
+    data = input.encode() if isinstance(input, str) else input
+    proc = subprocess.run(
+        [sys.executable, "-m", "executor", *args],
+        input=data,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    result = subprocess.CompletedProcess(
+        proc.args,
+        proc.returncode,
+        proc.stdout.decode(errors="replace"),
+        proc.stderr.decode(errors="replace"),
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"executor {' '.join(args)} exited {result.returncode}\n{result.stderr}"
+        )
+    return result
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    text = Path(path).read_text(encoding="utf-8") if isinstance(path, Path) else path
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

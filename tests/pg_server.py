@@ -13,6 +13,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import sqlalchemy as sa
+
+from executor.store import open_database
+
 PORT = 5439
 
 
@@ -84,3 +88,32 @@ class PgServer:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class PgDatabases:
+    """Fresh PostgreSQL databases for tests, copied from a template already at head."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.count = 0
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql("DROP DATABASE IF EXISTS executor_template")
+            conn.exec_driver_sql("CREATE DATABASE executor_template")
+        open_database(self.url("executor_template")).dispose()
+
+    def url(self, name: str) -> str:
+        return self.admin.url.set(database=name).render_as_string(hide_password=False)
+
+    def create(self, blank: bool = False) -> str:
+        self.count += 1
+        name = f"executor_test_{os.getpid()}_{self.count}"
+        template = "template0" if blank else "executor_template"
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name} TEMPLATE {template}")
+        return self.url(name)
+
+    def drop(self, url: str) -> None:
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(
+                f"DROP DATABASE IF EXISTS {sa.make_url(url).database} WITH (FORCE)"
+            )

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ROOT, read_jsonl, run_cli, write_jsonl
-from tests.helpers import count_items, kill9, model_pids, query, start_cli, wait_for
+from tests.helpers import (
+    ROOT,
+    count_items,
+    kill9,
+    model_pids,
+    query,
+    read_jsonl,
+    run_cli,
+    run_cli_process,
+    start_cli,
+    wait_for,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.model
 
 
 def test_example_prompts_submit_run_export(tmp_path, db_path, default_model):
-    submitted = run_cli(
+    """As a user types it: real `executor` processes, from the console script's entry point."""
+    submitted = run_cli_process(
         "submit", str(ROOT / "examples" / "prompts.jsonl"), db_path=db_path, check=True
     )
     job = submitted.stdout.strip()
     assert "12 prompts queued" in submitted.stderr
-    run = run_cli("run", "--until-empty", db_path=db_path, check=True)
+    run = run_cli_process("run", "--until-empty", db_path=db_path, check=True)
     assert "run finished: 12 done, 0 failed" in run.stderr
     out = tmp_path / "results.jsonl"
-    run_cli("export", job, "-o", str(out), db_path=db_path, check=True)
+    run_cli_process("export", job, "-o", str(out), db_path=db_path, check=True)
     rows = read_jsonl(out)
     expected = [r["custom_id"] for r in read_jsonl(ROOT / "examples" / "prompts.jsonl")]
     assert [r["custom_id"] for r in rows] == expected

@@ -15,8 +15,7 @@ import yaml
 from executor.config import xdg_dir
 from executor.errors import ConfigError
 from executor.jobspec import read_spec
-from tests.conftest import ROOT, read_jsonl, run_cli, write_jsonl
-from tests.helpers import query
+from tests.helpers import ROOT, query, read_jsonl, run_cli, write_jsonl
 
 VLLM_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 
@@ -72,6 +71,16 @@ def openai_line(custom_id: str, body: dict, url: str = "/v1/chat/completions") -
     return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
 
 
+def export_openai(tmp_path: Path, db_path: Path, job: str) -> tuple[list[dict], Path]:
+    """`export --format openai -o out --errors err`: the output lines and the error file."""
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    run_cli(
+        "export", job, "--format", "openai", "-o", str(out), "--errors", str(errors),
+        db_path=db_path, check=True,
+    )  # fmt: skip
+    return read_jsonl(out), errors
+
+
 # --- OpenAI batch files --------------------------------------------------------------------------
 
 
@@ -82,20 +91,7 @@ def test_vllm_example_batch_runs_unchanged_with_an_alias(tmp_path, db_path, defa
     job = run_cli("submit", str(source), db_path=db_path, check=True).stdout.strip()
     assert query(db_path, "SELECT model FROM jobs") == [(str(default_model),)]
     run_cli("run", "--until-empty", db_path=db_path, check=True)
-    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
-    run_cli(
-        "export",
-        job,
-        "--format",
-        "openai",
-        "-o",
-        str(out),
-        "--errors",
-        str(errors),
-        db_path=db_path,
-        check=True,
-    )
-    lines = read_jsonl(out)
+    lines, errors = export_openai(tmp_path, db_path, job)
     assert [line["custom_id"] for line in lines] == ["request-1", "request-2"]
     for line in lines:
         jsonschema.validate(line, OUTPUT_LINE)
@@ -130,20 +126,7 @@ def test_completions_url_and_error_file(tmp_path, db_path, tiny_model):
         env={"EXECUTOR_ENGINE": "fake"},
         check=True,
     )
-    out, errors = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
-    run_cli(
-        "export",
-        job,
-        "--format",
-        "openai",
-        "-o",
-        str(out),
-        "--errors",
-        str(errors),
-        db_path=db_path,
-        check=True,
-    )
-    (ok,) = read_jsonl(out)
+    (ok,), errors = export_openai(tmp_path, db_path, job)
     jsonschema.validate(ok, OUTPUT_LINE)
     body = ok["response"]["body"]
     assert body["object"] == "text_completion" and body["choices"][0]["text"] == "echo: one"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from executor.engine import GenerationRequest, LoadSpec
-from executor.supervisor import BatchDone, Finished, ItemFailed, ModelProcess
-from tests.conftest import ROOT, read_jsonl, run_cli, write_jsonl
+from executor.records import BatchDone, GenerationRequest, ItemDone, ItemFailed, LoadSpec
+from executor.supervisor import ModelProcess
+from tests.helpers import ROOT, read_jsonl, run_cli, write_jsonl
 
 pytestmark = pytest.mark.model
 
@@ -51,7 +51,7 @@ def generate(
     outputs: dict[int, str] = {}
     try:
         for event in proc.run(requests):
-            if isinstance(event, Finished):
+            if isinstance(event, ItemDone):
                 outputs[event.item_id] = event.record.output
             elif isinstance(event, ItemFailed):
                 raise AssertionError(event.reason)

@@ -8,22 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from executor.engine import LoadSpec
 from executor.gguf_info import ModelInfo, read_model_info
-from executor.gpu import FakeNvml, probe, process_vram
+from executor.gpu import Device, FakeNvml, probe, process_vram
 from executor.plan import (
     CUDA_RESERVE,
     FREE_HEADROOM,
-    Device,
     GiB,
     MiB,
     PlanRequest,
     kv_layer_bytes,
     make_plan,
 )
+from executor.records import LoadSpec
 from executor.supervisor import dry_run
 from executor.units import format_bytes, parse_cap, parse_size
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from tests.synthetic_gguf import SHAPES, tensor_bytes, tensor_table, write_llama_gguf
 
 CARD_12G = Device(name="12 GiB card", uuid="GPU-test", total=12 * GiB, free=12 * GiB)
@@ -184,7 +183,7 @@ def test_longer_context_means_fewer_layers_and_says_why(models):
 def test_no_gpu_means_cpu_only(models):
     plan = make_plan(read_model_info(models["7b"]), None, PlanRequest())
     assert plan.n_gpu_layers == 0 and plan.gpu.total == 0 and plan.cap is None
-    assert plan.notes == ["no NVIDIA GPU: the whole model runs on the CPU"]
+    assert plan.notes == ("no NVIDIA GPU: the whole model runs on the CPU",)
 
 
 def test_remembered_layers_and_fixed_layers(models):

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,16 @@ from pathlib import Path
 import pytest
 
 from executor.plan import GiB
-from tests.conftest import read_jsonl, run_cli, write_jsonl
-from tests.helpers import count_items, model_pids, query, start_cli, wait_for
+from tests.helpers import (
+    count_items,
+    model_pids,
+    query,
+    read_jsonl,
+    run_cli,
+    start_cli,
+    wait_for,
+    write_jsonl,
+)
 from tests.synthetic_gguf import write_llama_gguf
 
 BIG_CARD = json.dumps(
@@ -72,6 +81,17 @@ def assert_exactly_once_all_done(db_path: Path, job: str, n: int) -> None:
     assert sorted(r["custom_id"] for r in rows) == sorted(f"c{i}" for i in range(n))
     assert all(r["status"] == "done" for r in rows), [r for r in rows if r["status"] != "done"]
     assert query(db_path, "SELECT count(*), count(DISTINCT item_id) FROM results") == [(n, n)]
+
+
+def slow_worker(tmp_path: Path, db_path: Path, *flags: str) -> subprocess.Popen:
+    """A worker process at parallel 1 and 20 tokens/s, a second into its first item."""
+    worker = start_cli(
+        "run", "--until-empty", "--parallel", "1", *flags,
+        db_path=db_path, env=fake_env(EXECUTOR_FAKE_TOKEN_SECONDS="0.05"),
+    )  # fmt: skip
+    wait_for(lambda: model_pids(tmp_path / "xdg" / "state"), what="the model process")
+    time.sleep(1)
+    return worker
 
 
 def load_rows(db_path: Path) -> list[tuple]:
@@ -253,16 +273,7 @@ def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(tmp_path, db_path, mo
 
 def test_second_signal_stops_at_once(tmp_path, db_path, model_1b):
     submit(tmp_path, db_path, model_1b, 4, words=200)  # each item takes ~10 s
-    worker = start_cli(
-        "run",
-        "--until-empty",
-        "--parallel",
-        "1",
-        db_path=db_path,
-        env=fake_env(EXECUTOR_FAKE_TOKEN_SECONDS="0.05"),
-    )
-    wait_for(lambda: model_pids(tmp_path / "xdg" / "state"), what="the model process")
-    time.sleep(1)
+    worker = slow_worker(tmp_path, db_path)
     worker.send_signal(signal.SIGINT)
     time.sleep(0.5)
     sent = time.monotonic()
@@ -276,18 +287,7 @@ def test_second_signal_stops_at_once(tmp_path, db_path, model_1b):
 
 def test_stop_timeout_bounds_the_wait(tmp_path, db_path, model_1b):
     submit(tmp_path, db_path, model_1b, 2, words=400)  # ~20 s per item
-    worker = start_cli(
-        "run",
-        "--until-empty",
-        "--parallel",
-        "1",
-        "--stop-timeout",
-        "2",
-        db_path=db_path,
-        env=fake_env(EXECUTOR_FAKE_TOKEN_SECONDS="0.05"),
-    )
-    wait_for(lambda: model_pids(tmp_path / "xdg" / "state"), what="the model process")
-    time.sleep(1)
+    worker = slow_worker(tmp_path, db_path, "--stop-timeout", "2")
     sent = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     _, err = worker.communicate(timeout=30)

@@ -11,9 +11,10 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from executor.records import ResultRecord
 from executor.store import Database, open_database, queue
 from executor.store.db import head_revision
-from executor.store.queue import NewItem, ResultRecord
+from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus, JobStatus, items, metadata, utcnow
 
 RESULT = ResultRecord(

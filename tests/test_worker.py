@@ -13,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, read_jsonl, run_cli, write_jsonl
 from tests.helpers import (
+    ROOT,
     count_items,
     kill9,
     model_pids,
     query,
+    read_jsonl,
+    run_cli,
     start_cli,
     wait_for,
+    write_jsonl,
 )
 
 FAKE = {"EXECUTOR_ENGINE": "fake"}
@@ -38,7 +41,9 @@ def submit(tmp_path: Path, db_path: Path, model: Path, rows: list[dict], *args: 
 
 def test_submit_run_export_with_fake_engine(tmp_path, db_path, tiny_model):
     job = submit(tmp_path, db_path, tiny_model, prompts(7))
+    started = time.monotonic()
     run = run_cli("run", "--until-empty", "--batch-size", "3", db_path=db_path, env=FAKE)
+    elapsed_ms = (time.monotonic() - started) * 1000
     assert run.returncode == 0, run.stderr
     assert "run finished: 7 done, 0 failed" in run.stderr
     out = tmp_path / "out.jsonl"
@@ -47,7 +52,13 @@ def test_submit_run_export_with_fake_engine(tmp_path, db_path, tiny_model):
     assert [r["custom_id"] for r in rows] == [f"p{i}" for i in range(7)]
     assert rows[0]["output"] == "echo: w0 w0 w0"
     assert rows[0]["status"] == "done" and rows[0]["finish_reason"] == "stop"
-    assert rows[0]["completion_tokens"] == 4 and rows[0]["timings"]["total_ms"] >= 0
+    assert rows[0]["completion_tokens"] == 4
+    for row in rows:  # each item's time is a part of the run's, prompt + generation
+        timings = row["timings"]
+        assert 0 < timings["total_ms"] < elapsed_ms
+        assert timings["prompt_ms"] + timings["generation_ms"] == pytest.approx(
+            timings["total_ms"], abs=0.01
+        )
 
 
 def test_model_loads_once_for_all_batches(tmp_path, db_path, tiny_model):

@@ -1,9 +1,7 @@
 """The model process: loads the engine once, then generates the items the parent sends.
 
-Messages (tuples over a multiprocessing Pipe):
-  parent → child: ("batch", [GenerationRequest]), ("drop", [item_id]), ("stop",)
-  child → parent: ("ready", info), ("load_failed", reason), ("start", item_id),
-                  ("result", item_id, ResultRecord), ("error", item_id, reason), ("batch_done",)
+The messages over the pipe are the dataclasses of `executor.records` (its docstring has the
+order).
 
 llama.cpp aborts the whole process on a CUDA error during decode, so nothing here tries to
 survive that: the parent notices the death and re-queues what was in flight.
@@ -17,9 +15,21 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
-from executor.engine import Engine, LoadError, LoadSpec, create_engine
+from executor.engine import Engine, LoadError, create_engine
 from executor.engine.faults import Faults
-from executor.store.queue import ResultRecord
+from executor.records import (
+    Batch,
+    BatchDone,
+    Drop,
+    ItemDone,
+    ItemFailed,
+    ItemStarted,
+    LoadFailed,
+    LoadSpec,
+    Ready,
+    ResultRecord,
+    Stop,
+)
 
 PR_SET_PDEATHSIG = 1
 
@@ -39,12 +49,12 @@ def main(conn: Connection, spec: LoadSpec, log_path: str, faults: Faults | None 
     try:
         engine = create_engine(spec, faults)
     except LoadError as exc:
-        conn.send(("load_failed", str(exc)))
+        conn.send(LoadFailed(str(exc)))
         return
     except Exception as exc:  # a bad file, an unsupported architecture, ...
-        conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
+        conn.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", engine.describe()))
+    conn.send(Ready(engine.describe()))
     try:
         _serve(conn, engine)
     except (EOFError, BrokenPipeError):
@@ -56,14 +66,14 @@ def main(conn: Connection, spec: LoadSpec, log_path: str, faults: Faults | None 
 def _serve(conn: Connection, engine: Engine) -> None:
     while True:
         message = conn.recv()
-        if message[0] == "stop":
+        if isinstance(message, Stop):
             return
-        if message[0] == "batch":
+        if isinstance(message, Batch):
             sink = _PipeSink(conn)
-            engine.run_batch(message[1], sink)
+            engine.run_batch(message.requests, sink)
             if sink.stop:
                 return
-            conn.send(("batch_done",))
+            conn.send(BatchDone())
 
 
 class _PipeSink:
@@ -75,20 +85,20 @@ class _PipeSink:
         self.stop = False
 
     def started(self, item_id: int) -> None:
-        self.conn.send(("start", item_id))
+        self.conn.send(ItemStarted(item_id))
 
     def finished(self, item_id: int, record: ResultRecord) -> None:
-        self.conn.send(("result", item_id, record))
+        self.conn.send(ItemDone(item_id, record))
 
     def failed(self, item_id: int, reason: str) -> None:
-        self.conn.send(("error", item_id, reason))
+        self.conn.send(ItemFailed(item_id, reason))
 
     def _read(self) -> None:
         while self.conn.poll():
             message = self.conn.recv()
-            if message[0] == "drop":
-                self.drops.update(message[1])
-            elif message[0] == "stop":
+            if isinstance(message, Drop):
+                self.drops.update(message.item_ids)
+            elif isinstance(message, Stop):
                 self.stop = True
 
     def dropped(self) -> set[int]:

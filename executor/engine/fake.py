@@ -14,9 +14,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from executor.engine import BatchSink, GenerationRequest, LoadSpec
+from executor.engine import BatchSink
 from executor.engine.faults import Faults
-from executor.store.queue import ResultRecord
+from executor.records import GenerationRequest, LoadSpec, ResultRecord
 
 
 @dataclass

@@ -45,18 +45,6 @@ class Faults:
             abort_on=env.get("EXECUTOR_FAULT_ABORT_ON") or None,
         )
 
-    @property
-    def any(self) -> bool:
-        return any(
-            v is not None
-            for v in (
-                self.oom_load_above,
-                self.oom_decode_above,
-                self.abort_after_tokens,
-                self.abort_on,
-            )
-        )
-
     def check_load(self, n_gpu_layers: int) -> None:
         """Fail a load the way llama.cpp does when CUDA runs out of memory."""
         if self.oom_load_above is not None and _layers(n_gpu_layers) > self.oom_load_above:

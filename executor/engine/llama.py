@@ -17,9 +17,9 @@ from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from executor.engine import BatchSink, DryRun, GenerationRequest, ItemError, LoadError, LoadSpec
+from executor.engine import BatchSink, ItemError, LoadError
 from executor.engine.faults import Faults
-from executor.store.queue import ResultRecord
+from executor.records import DryRun, GenerationRequest, LoadSpec, ResultRecord
 
 MIN_SHARED_PREFIX = 16  # tokens worth waiting one step for, to copy rather than compute
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}

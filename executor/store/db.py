@@ -31,6 +31,11 @@ class Database:
         self.engine = _create_engine(self.url)
 
     @property
+    def display_url(self) -> str:
+        """The URL with its password masked, for messages."""
+        return self.url.render_as_string(hide_password=True)
+
+    @property
     def sqlite_path(self) -> Path | None:
         """The database file, for SQLite databases on disk."""
         if self.is_sqlite and self.url.database not in (None, "", ":memory:"):
@@ -102,6 +107,15 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
     assert head is not None
     return head
+
+
+def revisions(url: str) -> tuple[str | None, str]:
+    """(the database's schema revision, the newest the code knows), without migrating."""
+    db = Database(url)
+    try:
+        return db.revision(), head_revision()
+    finally:
+        db.dispose()
 
 
 def open_database(url: str, *, upgrade: bool = True) -> Database:

@@ -117,14 +117,3 @@ def measured_excess(db: Database, key: ConfigKey) -> int:
     if row is None:
         return 0
     return max(row.measured_vram - row.predicted_vram, 0)
-
-
-def recent_loads(
-    db: Database, key: ConfigKey | None = None, limit: int = 20
-) -> list[dict[str, Any]]:
-    """The latest load attempts (of one configuration), newest first."""
-    query = sa.select(loads).order_by(loads.c.id.desc()).limit(limit)
-    if key is not None:
-        query = query.where(key.where(loads))
-    with db.read() as conn:
-        return [dict(row._mapping) for row in conn.execute(query)]

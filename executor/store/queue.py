@@ -13,6 +13,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from executor.errors import NotFoundError
+from executor.records import ResultRecord
 from executor.store.db import Database
 from executor.store.schema import (
     ItemStatus,
@@ -45,6 +47,11 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
 
+    @property
+    def failed(self) -> bool:
+        """The job failed as a whole (e.g. its model would not load at all)."""
+        return self.status == JobStatus.FAILED
+
 
 @dataclass(frozen=True)
 class ClaimedItem:
@@ -54,19 +61,6 @@ class ClaimedItem:
     custom_id: str
     request: dict[str, Any]
     attempts: int
-
-
-@dataclass(frozen=True)
-class ResultRecord:
-    """What the model process returns for one item."""
-
-    output: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    total_ms: float
-    prompt_ms: float | None = None
-    generation_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +167,14 @@ def get_job(db: Database, job_id: int) -> Job | None:
     return _job(row) if row else None
 
 
+def require_job(db: Database, job_id: int) -> Job:
+    """The job, or NotFoundError (exit 5) naming it."""
+    job = get_job(db, job_id)
+    if job is None:
+        raise NotFoundError(f"no job {job_id}", hint="`executor status` lists the jobs")
+    return job
+
+
 def list_jobs(db: Database, *, job_id: int | None = None, limit: int = 50) -> list[Job]:
     query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
     if job_id is not None:
@@ -250,7 +252,9 @@ def running_items(db: Database, job_id: int | None = None, owner: str | None = N
 
 
 def cancel_job(db: Database, job_id: int) -> int:
-    """Cancel a job: its unfinished items are cancelled (a running item's result is dropped)."""
+    """Cancel a job: its unfinished items are cancelled (a running item's result is dropped).
+    Returns how many; NotFoundError if there is no such job."""
+    require_job(db, job_id)
     now = utcnow()
     with db.write() as conn:
         n = conn.execute(
@@ -267,7 +271,9 @@ def cancel_job(db: Database, job_id: int) -> int:
 
 
 def retry_job(db: Database, job_id: int) -> int:
-    """Put failed and cancelled items back in the queue (invalid input lines stay failed)."""
+    """Put failed and cancelled items back in the queue (invalid input lines stay failed).
+    Returns how many; NotFoundError if there is no such job."""
+    require_job(db, job_id)
     now = utcnow()
     with db.write() as conn:
         n = conn.execute(

@@ -37,9 +37,6 @@ class ItemStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-FINISHED_ITEM = (ItemStatus.DONE, ItemStatus.FAILED, ItemStatus.INVALID, ItemStatus.CANCELLED)
-
-
 def utcnow() -> datetime:
     """Now, in UTC, without tzinfo: SQLite stores naive datetimes, so we store UTC throughout."""
     return datetime.now(UTC).replace(tzinfo=None)

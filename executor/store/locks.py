@@ -1,4 +1,5 @@
-"""The rule of one worker per GPU: a file lock for SQLite, an advisory lock for PostgreSQL."""
+"""The rule of one worker per GPU: a file lock next to a SQLite database, a session advisory
+lock on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,16 +14,13 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from executor.config import xdg_dir
 from executor.errors import LockedError
-from executor.store import Database
+from executor.store.db import Database
 
 
-def lock_path(db: Database) -> Path:
+def lock_path(sqlite_path: Path) -> Path:
     """The worker lock of a SQLite database: a file next to it."""
-    if db.sqlite_path is not None:
-        return db.sqlite_path.with_name(db.sqlite_path.name + ".lock")
-    return xdg_dir("state") / "worker.lock"
+    return sqlite_path.with_name(sqlite_path.name + ".lock")
 
 
 @contextmanager
@@ -33,7 +31,8 @@ def worker_lock(db: Database, identity: str) -> Iterator[None]:
     one worker per identity (host + GPU), so that many hosts and GPUs share one queue.
     """
     if db.is_sqlite:
-        with _file_lock(lock_path(db)):
+        assert db.sqlite_path is not None, "in-memory SQLite databases are refused on open"
+        with _file_lock(lock_path(db.sqlite_path)):
             yield
     else:
         with _advisory_lock(db, identity):

@@ -1,0 +1,48 @@
+"""`executor status`: per job counts, tokens, tokens/s and ETA (report.py draws the table)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from executor.store import Database, queue
+from executor.store.schema import ItemStatus, JobStatus
+
+
+def job_rows(db: Database, job_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """One dict per job (newest first), the same data `--json` prints."""
+    if job_id is not None:
+        queue.require_job(db, job_id)
+    jobs = queue.list_jobs(db, job_id=job_id, limit=limit)
+    rows = []
+    for state in queue.progress(db, jobs):
+        job = state.job
+        counts = {s.value: state.counts.get(s, 0) for s in ItemStatus}
+        processed = counts["done"] + counts["failed"]
+        # Rate over the job's working time so far: first claim to the latest result (a
+        # stopped worker does not make the rate decay while nobody works).
+        elapsed = None
+        if job.started_at is not None and state.last_result_at is not None:
+            elapsed = max((state.last_result_at - job.started_at).total_seconds(), 1e-3)
+        tokens_per_s = state.completion_tokens / elapsed if elapsed and processed else None
+        eta = None
+        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and elapsed and processed:
+            eta = state.remaining * elapsed / processed
+        rows.append(
+            {
+                "id": job.id,
+                "name": job.name,
+                "status": job.status.value,
+                "model": job.model,
+                "items": job.item_count,
+                "counts": counts,
+                "prompt_tokens": state.prompt_tokens,
+                "completion_tokens": state.completion_tokens,
+                "tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),
+                "eta_s": None if eta is None else round(eta),
+                "created_at": job.created_at.isoformat() + "Z",
+                "started_at": job.started_at.isoformat() + "Z" if job.started_at else None,
+                "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
+                "error": job.error,
+            }
+        )
+    return rows
