@@ -17,6 +17,26 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from executor import __version__, report
+from executor.cli_options import (
+    AllowSwapOpt,
+    CacheTypeOpt,
+    ConfigOpt,
+    CtxOpt,
+    DbOpt,
+    ErrorsOpt,
+    FlashOpt,
+    FormatOpt,
+    GpuLayersOpt,
+    JobArg,
+    JsonOpt,
+    LogFormatOpt,
+    ParallelOpt,
+    PlacementOpt,
+    ProvenanceOpt,
+    SwaFullOpt,
+    UbatchOpt,
+    VramCapOpt,
+)
 from executor.config import Settings, load_settings
 from executor.errors import ExecutorError, ExitCode, InputError, UsageError
 from executor.logs import setup_logging
@@ -47,95 +67,6 @@ config_app = typer.Typer(
     help="Settings: what applies and where each value comes from.", no_args_is_help=True
 )
 app.add_typer(config_app, name="config")
-
-# --- options shared by commands ----------------------------------------------------------------
-
-DbOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        help="Database: a file path (SQLite) or a SQLAlchemy URL. "
-        "[env EXECUTOR_DB; default $XDG_DATA_HOME/executor/executor.db]",
-        show_default=False,
-    ),
-]
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--config",
-        help="YAML config file. [env EXECUTOR_CONFIG; default "
-        "$XDG_CONFIG_HOME/executor/config.yaml if it exists]",
-        show_default=False,
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-LogFormatOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--log-format",
-        help="Log lines on stderr: plain or json. [env EXECUTOR_LOG_FORMAT]",
-        show_default=False,
-    ),
-]
-JobArg = Annotated[int, typer.Argument(help="Job id, as printed by submit or status.")]
-VramCapOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--vram-cap",
-        help="Most VRAM to use: 11.5GiB (powers of two), 12GB (powers of ten), bytes, "
-        "or 90% of the card. [env EXECUTOR_VRAM_CAP; default: free VRAM]",
-        show_default=False,
-    ),
-]
-CtxOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--ctx",
-        help="Context size in tokens per sequence. [env EXECUTOR_CTX; default 4096]",
-        show_default=False,
-    ),
-]
-ParallelOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--parallel",
-        help="Sequences decoded together; the KV cache holds ctx × parallel. "
-        "[env EXECUTOR_PARALLEL; default auto]",
-        show_default=False,
-    ),
-]
-GpuLayersOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--gpu-layers",
-        help="Layers on the GPU: auto (planned under the cap), all, or a number "
-        "(llama.cpp's n_gpu_layers: the output layer counts as one). [env EXECUTOR_GPU_LAYERS]",
-        show_default=False,
-    ),
-]
-CacheTypeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--cache-type", help="KV cache type: f16, q8_0 or q4_0. [default f16]", show_default=False
-    ),
-]
-FlashOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--flash-attn",
-        help="auto (on when layers go to a GPU), on or off. [default auto]",
-        show_default=False,
-    ),
-]
-AllowSwapOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--allow-swap",
-        help="Go ahead even if the CPU part does not fit in RAM (very slow).",
-        show_default=False,
-    ),
-]
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -343,6 +274,9 @@ def run(
     gpu_layers: GpuLayersOpt = None,
     vram_cap: VramCapOpt = None,
     parallel: ParallelOpt = None,
+    ubatch: UbatchOpt = None,
+    placement: PlacementOpt = None,
+    swa_full: SwaFullOpt = None,
     cache_type: CacheTypeOpt = None,
     flash_attn: FlashOpt = None,
     allow_swap: AllowSwapOpt = None,
@@ -389,6 +323,9 @@ def run(
         log_format=log_format,
         vram_cap=vram_cap,
         parallel=parallel,
+        n_ubatch=ubatch,
+        placement=placement,
+        swa_full=swa_full,
         cache_type=cache_type,
         flash_attn=flash_attn,
         allow_swap=allow_swap,
@@ -413,12 +350,27 @@ def run(
 def plan(
     model: Annotated[
         str | None,
-        typer.Argument(help="GGUF file; default: the configured model, else the default model."),
+        typer.Argument(
+            help="GGUF file or a name from `models:`; default: the job's model (--job), the "
+            "configured model, else the default model."
+        ),
+    ] = None,
+    job: Annotated[
+        int | None,
+        typer.Option(
+            "--job",
+            help="Plan for this queued job: its model, its load settings, and a context "
+            "sized from its prompts (ctx auto).",
+            show_default=False,
+        ),
     ] = None,
     vram_cap: VramCapOpt = None,
     ctx: CtxOpt = None,
     parallel: ParallelOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    ubatch: UbatchOpt = None,
+    placement: PlacementOpt = None,
+    swa_full: SwaFullOpt = None,
     cache_type: CacheTypeOpt = None,
     flash_attn: FlashOpt = None,
     gpu_total: Annotated[
@@ -446,52 +398,83 @@ def plan(
             help="Confirm the estimate with llama.cpp's own dry run (no memory is allocated).",
         ),
     ] = True,
+    llama_args: Annotated[
+        bool,
+        typer.Option(
+            "--llama-args",
+            help="Print only the llama-server / llama-cli flags that load the model as the "
+            "plan does (-ngl, -ot, -c, -np, -ub, -fa, ...).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Show how a model will be split between GPU and CPU, before anything is loaded.
+    """Show how a model will be split between GPU and RAM, before anything is loaded.
 
-    The plan puts as many layers on the GPU as fit under the cap (the smaller of --vram-cap
-    and the free VRAM minus a headroom), counting for each GPU layer its weights and KV cache,
-    plus the output layer, the compute buffer and the CUDA context. It checks that the rest
-    fits in RAM and says why more layers did not fit. Exit code 8 if the CPU part would not
-    fit in RAM (unless --allow-swap).
+    Mixture-of-experts models: attention, norms, router and shared experts of every block,
+    the output layer, KV cache and compute buffer go on the GPU and routed experts to RAM;
+    then the experts of as many blocks as fit come onto the GPU (from the last block down),
+    then part of one more block. Dense models: whole layers, then part of one more. All
+    under the cap: the smaller of --vram-cap and the free VRAM minus a headroom. The table
+    shows each kind of tensor on the GPU and in RAM, and the notes say why no more fit.
+    Exit code 8 if the RAM part would not fit in RAM (unless --allow-swap).
     """
     from executor.errors import WouldSwapError
     from executor.loader import plan_for
-    from executor.models import resolve_model
+    from executor.plan import llama_args_line
 
-    settings = _settings(
-        config,
+    flags = dict(
         db=db,
-        model=model,
         vram_cap=vram_cap,
         ctx=ctx,
         parallel=parallel,
         gpu_layers=gpu_layers,
+        n_ubatch=ubatch,
+        placement=placement,
+        swa_full=swa_full,
         cache_type=cache_type,
         flash_attn=flash_attn,
         allow_swap=allow_swap,
     )
-    path = resolve_model(settings.model)
+    settings, path, queued = _plan_target(config, flags, model, job)
     planned = plan_for(
         settings,
         _open(settings),
         path,
+        job=queued,
         gpu_total=gpu_total,
         ram_total=ram_total,
         use_dry_run=dry_run,
     )
-    if as_json:
+    if llama_args:
+        typer.echo(llama_args_line(planned.plan, settings.threads))
+    elif as_json:
         _print_json(planned.as_dict())
     else:
         typer.echo(report.format_plan(planned))
     if not planned.plan.ram_ok and not settings.allow_swap:
         raise WouldSwapError(
-            "the CPU part does not fit in RAM: a run would swap and be extremely slow",
+            "the RAM part does not fit in RAM: a run would swap and be extremely slow",
             hint="pass --allow-swap to run anyway, or a larger --vram-cap / smaller --ctx",
         )
+
+
+def _plan_target(
+    config: str | None, flags: dict[str, Any], model: str | None, job: int | None
+) -> tuple[Settings, Path, Any]:
+    """The settings, model file and queued job (if any) that `plan` plans for."""
+    from executor.models import resolve_model
+    from executor.store import queue
+
+    settings = _settings(config, **flags)
+    if job is None:
+        settings = _settings(config, **flags, model=model)
+        return settings, resolve_model(settings.model, settings.models), None
+    queued = queue.require_job(_open(settings), job)
+    load = queued.params.get("load") or {}
+    settings = _settings(config, **{**load, **{k: v for k, v in flags.items() if v is not None}})
+    return settings, resolve_model(model or queued.model, settings.models), queued
 
 
 @command()
@@ -511,30 +494,6 @@ def status(
         _print_json(rows if job is None else rows[0])
     else:
         typer.echo(report.format_jobs(rows))
-
-
-FormatOpt = Annotated[
-    str,
-    typer.Option(
-        "--format", help="executor (one object per item) or openai (OpenAI Batch API output)."
-    ),
-]
-ErrorsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--errors",
-        help="With --format openai: write failed requests to this file.",
-        show_default=False,
-    ),
-]
-ProvenanceOpt = Annotated[
-    bool,
-    typer.Option(
-        "--with-provenance",
-        help="Add each result's model sha256, parameters and the load "
-        "(GPU layers, cap, measured VRAM) it ran under.",
-    ),
-]
 
 
 @command()

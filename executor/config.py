@@ -130,10 +130,18 @@ def _cap(value: Any) -> str:
     return text
 
 
-def _parallel(value: Any) -> int | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    return _int(1)(value)
+def _auto_or(parse: Callable[[Any], int]) -> Callable[[Any], int | str]:
+    """`auto`, or a number the parser accepts."""
+
+    def wrapped(value: Any) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return parse(value)
+
+    return wrapped
+
+
+_parallel = _auto_or(_int(1))
 
 
 def _gpu_layers(value: Any) -> int | str:
@@ -161,7 +169,11 @@ OPTIONS: dict[str, Option] = {
     ),
     "models": Option(_aliases, {}, "model names → GGUF paths (OpenAI batch files name models)"),
     "engine": Option(_choice("llama", "fake"), "llama", "llama (real) or fake (tests, dry runs)"),
-    "ctx": Option(_int(64), 4096, "context size in tokens per sequence"),
+    "ctx": Option(
+        _auto_or(_int(64)),
+        "auto",
+        "tokens per sequence: auto (the job's longest prompt + its max_tokens) or a number",
+    ),
     "gpu_layers": Option(
         _gpu_layers, "auto", "layers on the GPU: auto (planned), all, or a number"
     ),
@@ -175,7 +187,21 @@ OPTIONS: dict[str, Option] = {
     ),
     "cache_type": Option(_choice("f16", "q8_0", "q4_0"), "f16", "KV cache element type"),
     "n_batch": Option(_int(32), 512, "logical batch size (tokens per decode call)"),
-    "n_ubatch": Option(_int(32), 512, "physical batch size (sizes the compute buffer)"),
+    "n_ubatch": Option(
+        _auto_or(_int(32)),
+        "auto",
+        "physical batch: auto (512; on a GPU up to 2048 when it costs no block) or a number",
+    ),
+    "swa_full": Option(
+        _choice("auto", "on", "off"),
+        "auto",
+        "sliding-window layers keep the whole context: auto (on without a GPU), on, off",
+    ),
+    "placement": Option(
+        _choice("tensors", "layers"),
+        "tensors",
+        "tensors (MoE experts to RAM first, then partial blocks) or layers (whole layers)",
+    ),
     "allow_swap": Option(_bool, False, "load even if the CPU part does not fit in RAM"),
     "backoff_seconds": Option(_float(0.0), 2.0, "first wait before reloading after an OOM"),
     "shrink_step": Option(_float(0.01, 1.0), 0.1, "fraction of GPU layers dropped per OOM"),
@@ -206,7 +232,7 @@ class Settings:
     model: str | None
     models: dict[str, str]
     engine: str
-    ctx: int
+    ctx: int | str
     gpu_layers: int | str
     gpu: int
     vram_cap: str | None
@@ -214,7 +240,9 @@ class Settings:
     flash_attn: str
     cache_type: str
     n_batch: int
-    n_ubatch: int
+    n_ubatch: int | str
+    swa_full: str
+    placement: str
     allow_swap: bool
     backoff_seconds: float
     shrink_step: float

@@ -1,4 +1,10 @@
-"""A model's shape and per-layer byte sizes, read from GGUF metadata (never the weights)."""
+"""A model's shape and its tensor table, read from GGUF metadata (never the weights).
+
+Every tensor gets a class, from llama.cpp's tensor names, so that the plan can place them one by
+one: attention (q/k/v/o, their norms, biases and sinks), dense FFN, router (`ffn_gate_inp`),
+shared experts (`*_shexp`), routed experts (`ffn_{up,gate,down,gate_up}_{,ch}exps`, llama.cpp's
+LLM_FFN_EXPS_REGEX), other block tensors, the output layer and the token embedding.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,86 @@ import gguf
 
 from executor.errors import ModelError
 
-# Architectures whose sliding-window layout llama.cpp sets in code rather than reading it
-# from the file (llama-model.cpp, load_hparams: hparams.set_swa_pattern(n)).
-SWA_PATTERN_DEFAULTS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2, "gemma3n": 5}
+ATTENTION = "attention"
+FFN = "ffn"
+ROUTER = "router"
+SHARED = "shared_experts"
+EXPERTS = "routed_experts"
+OTHER = "other"
+OUTPUT = "output"
+EMBEDDING = "token_embedding"
+BLOCK_CLASSES = (ATTENTION, FFN, ROUTER, SHARED, EXPERTS, OTHER)
+CLASSES = (*BLOCK_CLASSES, OUTPUT, EMBEDDING)
 
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
+# Architectures whose sliding-window layout llama.cpp sets in code rather than reading it from
+# the file (models/*.cpp: load_swa_pattern(ml, n[, dense_first])): (period, dense first).
+SWA_PATTERN_DEFAULTS: dict[str, tuple[int, bool]] = {
+    "gemma2": (2, False),
+    "gemma3": (6, False),
+    "gemma3n": (5, False),
+    "gemma-embedding": (6, False),
+    "cohere2": (4, False),
+    "cohere2moe": (4, True),
+    "gpt-oss": (2, False),
+    "exaone4": (4, False),
+    "exaone-moe": (4, False),
+    "afmoe": (4, False),
+    "olmo2": (4, False),
+    "mellum": (4, False),
+    "muse-glimmer": (4, False),
+    "plamo3": (8, False),
+    "smallthinker": (4, True),
+    "laguna": (4, True),
+}
+NO_SWA_ARCHS = {"phi3"}  # llama.cpp ignores phi3's window (models/phi3.cpp)
+# Recurrent and hybrid models: their state is not a KV cache and their blocks are not split by
+# tensor here (llama.cpp's llm_arch_is_recurrent / is_hybrid, and the tensors that betray one).
+RECURRENT_ARCHS = {"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", "jamba",
+                   "falcon-h1", "granitehybrid", "plamo2", "lfm2", "lfm2moe", "nemotron_h",
+                   "qwen3next", "qwen35", "qwen35moe", "kimi-linear"}  # fmt: skip
+_RECURRENT_TENSOR = re.compile(r"\.(ssm_|time_mix|channel_mix|shortconv)")
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_EXPERTS = re.compile(r"^ffn_(up|down|gate|gate_up)_(ch|)exps")  # llama.cpp's LLM_FFN_EXPS_REGEX
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the file: where it belongs and how many bytes it is."""
+
+    name: str
+    block: int | None  # the repeating block, None for token_embd/output tensors
+    kind: str  # one of CLASSES
+    n_bytes: int
+
+    @property
+    def base(self) -> str:
+        """`ffn_up_exps` for `blk.3.ffn_up_exps.weight` (what a placement rule names)."""
+        rest = _BLOCK.match(self.name)
+        return (rest[2] if rest else self.name).split(".")[0]
+
+
+def classify(name: str) -> tuple[int | None, str]:
+    """(block, class) of a tensor by its llama.cpp name."""
+    match = _BLOCK.match(name)
+    if match is None:
+        if name.startswith("token_embd"):
+            return None, EMBEDDING
+        return None, OUTPUT  # output.weight, output_norm.*, and other top-level tensors
+    rest = match[2]
+    if _EXPERTS.match(rest):
+        kind = EXPERTS
+    elif "shexp" in rest:
+        kind = SHARED
+    elif rest.startswith(("ffn_gate_inp", "exp_probs_b")):
+        kind = ROUTER
+    elif rest.startswith("attn") or "attention" in rest:
+        kind = ATTENTION
+    elif rest.startswith(("ffn", "post_ffw")):
+        kind = FFN
+    else:
+        kind = OTHER
+    return int(match[1]), kind
 
 
 @dataclass(frozen=True)
@@ -35,14 +116,38 @@ class ModelInfo:
     value_length: int
     n_swa: int  # sliding window size in tokens (0: none)
     swa_layers: tuple[bool, ...]  # per layer: uses the sliding window
-    layer_bytes: tuple[int, ...]  # per block: bytes of blk.N.* tensors
-    output_bytes: int  # the output layer: output.weight (or the tied token embedding) + norm
+    tensors: tuple[TensorInfo, ...]
     output_tied: bool  # no output.weight: the output layer reuses the token embedding
-    token_embd_bytes: int
-    largest_layer_tensor: int  # the biggest single blk.* tensor (op-offload staging)
     file_size: int
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    recurrent: bool = False  # recurrent or hybrid: planned by layers, its state is not a KV cache
     quantization: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def moe(self) -> bool:
+        return any(t.kind == EXPERTS for t in self.tensors)
+
+    @property
+    def layer_bytes(self) -> tuple[int, ...]:
+        """Bytes of each repeating block (all of its tensors)."""
+        sizes = [0] * self.n_layer
+        for t in self.tensors:
+            if t.block is not None:
+                sizes[t.block] += t.n_bytes
+        return tuple(sizes)
+
+    @property
+    def token_embd_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors if t.kind == EMBEDDING)
+
+    @property
+    def output_bytes(self) -> int:
+        """The output layer; a tied one is a copy of the token embedding (TENSOR_DUPLICATED)."""
+        tied = self.token_embd_bytes if self.output_tied else 0
+        return sum(t.n_bytes for t in self.tensors if t.kind == OUTPUT) + tied
 
     @property
     def weights_bytes(self) -> int:
@@ -53,13 +158,21 @@ class ModelInfo:
         heads = self.n_head_kv[layer]
         return heads * self.key_length, heads * self.value_length
 
+    def class_bytes(self) -> dict[str, int]:
+        """Bytes per tensor class (the tied output counted as the copy llama.cpp loads)."""
+        sums = dict.fromkeys(CLASSES, 0)
+        for t in self.tensors:
+            sums[t.kind] += t.n_bytes
+        sums[OUTPUT] = self.output_bytes
+        return sums
+
 
 def read_model_info(path: str | Path) -> ModelInfo:
     """Read a GGUF file's metadata and tensor table; ModelError if it is not a usable GGUF."""
     path = Path(path)
     try:
         reader = gguf.GGUFReader(str(path), "r")
-    except (ValueError, OSError, IndexError) as exc:
+    except (ValueError, OSError, IndexError, KeyError) as exc:
         raise ModelError(f"{path}: cannot read GGUF metadata: {exc}") from None
     meta = _Meta(reader)
     arch = meta.get("general.architecture")
@@ -67,37 +180,29 @@ def read_model_info(path: str | Path) -> ModelInfo:
         raise ModelError(f"{path}: no general.architecture in the GGUF metadata")
     n_layer = int(meta.require(f"{arch}.block_count", path))
     n_embd = int(meta.require(f"{arch}.embedding_length", path))
-    n_head = _per_layer(meta.require(f"{arch}.attention.head_count", path), n_layer)
+    n_head = _per_layer(meta.get(f"{arch}.attention.head_count", 0), n_layer)
     n_head_kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv", list(n_head)), n_layer)
     head_dim = n_embd // max(n_head) if max(n_head) else 0
     key_length = int(meta.get(f"{arch}.attention.key_length", head_dim))
     value_length = int(meta.get(f"{arch}.attention.value_length", head_dim))
-    n_swa = int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
+    n_swa = 0 if arch in NO_SWA_ARCHS else int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
 
-    layer_bytes = [0] * n_layer
-    largest = 0
-    named: dict[str, int] = {}
+    tensors = []
     vocab_from_embd = 0
     for tensor in reader.tensors:
-        size = int(tensor.n_bytes)
-        match = _BLOCK.match(tensor.name)
-        if match and int(match[1]) < n_layer:
-            layer_bytes[int(match[1])] += size
-            largest = max(largest, size)
-        else:
-            named[tensor.name] = size
+        block, kind = classify(tensor.name)
+        if block is not None and block >= n_layer:
+            block, kind = None, OUTPUT  # e.g. next-token-prediction layers past the last block
+        tensors.append(TensorInfo(tensor.name, block, kind, int(tensor.n_bytes)))
         if tensor.name == "token_embd.weight":
             vocab_from_embd = int(tensor.shape[-1])
-    token_embd = named.get("token_embd.weight", 0)
-    # Without output.weight the embedding is tied: llama.cpp loads token_embd a second time
-    # for the output layer (TENSOR_DUPLICATED), on the output layer's device.
-    output = named.get("output.weight", token_embd) + named.get("output_norm.weight", 0)
-    output += named.get("output_norm.bias", 0) + named.get("output.bias", 0)
+    names = {t.name for t in tensors}
 
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab = int(
         meta.get(f"{arch}.vocab_size", 0) or (len(tokens.data) if tokens else 0) or vocab_from_embd
     )
+    n_ff_exp = int(max(_per_layer(meta.get(f"{arch}.expert_feed_forward_length", 0), n_layer)))
     return ModelInfo(
         path=str(path),
         architecture=arch,
@@ -114,12 +219,13 @@ def read_model_info(path: str | Path) -> ModelInfo:
         swa_layers=_swa_layers(
             meta.get(f"{arch}.attention.sliding_window_pattern"), arch, n_swa, n_layer
         ),
-        layer_bytes=tuple(layer_bytes),
-        output_bytes=output,
-        output_tied="output.weight" not in named,
-        token_embd_bytes=token_embd,
-        largest_layer_tensor=largest,
+        tensors=tuple(tensors),
+        output_tied="output.weight" not in names,
         file_size=path.stat().st_size,
+        n_expert=int(meta.get(f"{arch}.expert_count", 0) or 0),
+        n_expert_used=int(max(_per_layer(meta.get(f"{arch}.expert_used_count", 0), n_layer))),
+        n_ff_exp=n_ff_exp,
+        recurrent=arch in RECURRENT_ARCHS or any(_RECURRENT_TENSOR.search(n) for n in names),
         quantization=_file_type(meta.get("general.file_type")),
     )
 
@@ -158,9 +264,13 @@ def _swa_layers(pattern: Any, arch: str, n_swa: int, n_layer: int) -> tuple[bool
     if isinstance(pattern, list):  # newer files: one bool per layer
         flags = [bool(v) for v in pattern]
         return tuple((flags + [False] * n_layer)[:n_layer])
-    period = int(pattern) if pattern else SWA_PATTERN_DEFAULTS.get(arch, 0)
+    period, dense_first = SWA_PATTERN_DEFAULTS.get(arch, (0, False))
+    if pattern:
+        period = int(pattern)
     if period <= 0:  # a window with no pattern: every layer slides
         return (True,) * n_layer
+    if dense_first:  # the first layer of each period attends to everything
+        return tuple(il % period != 0 for il in range(n_layer))
     # In each period of n layers, the first n-1 slide and the last attends to everything.
     return tuple(il % period < period - 1 for il in range(n_layer))
 

@@ -2,24 +2,25 @@
 
 The sequence for one model:
   1. gather (plan_for): the model's tensor table, the GPU and its free memory (NVML), the RAM,
-     and what past loads on this card taught (a layer count that worked, a measured excess);
-     then the pure plan (executor.plan): the most layers whose predicted footprint fits the
-     cap, never more than a count remembered to work or a ceiling lowered by an OOM earlier in
-     this run; on a GPU, llama.cpp's own dry run confirms (or corrects) the compute buffer;
-  2. start the model process with that many layers;
+     the context the job's prompts need (workload.py), and what past loads on this card
+     taught (the placement that worked, a measured excess); then the pure plan (plan.py):
+     the most on the GPU that fits the cap, never more than a placement remembered to work
+     or a ceiling lowered by an OOM earlier in this run; on a GPU, llama.cpp's own dry run of
+     that placement confirms (or corrects) the compute buffer;
+  2. start the model process with that placement (-ngl and -ot rules);
   3. measure the process's VRAM with NVML; above the cap (the cap is a ceiling, not a hint)
      kill it and shrink by the overshoot;
   4. an OOM at load (llama.cpp's allocation messages) or a crash while loading shrinks the
-     layers by a step (10 % of them, at least one) and retries after an exponential backoff
-     with jitter (tenacity), down to 0 layers; if even the CPU-only load fails, the job fails.
-Every attempt is a row in `loads`; the count that loaded is remembered per (model, GPU, cap,
-context, parallel) so the next run starts there.
+     placement by a step (routed experts before attention, then layers: 10 % of them, at
+     least one) and retries after an exponential backoff with jitter (tenacity), down to
+     nothing on the GPU; if even the CPU-only load fails, the job fails.
+Every attempt is a row in `loads`; the placement that loaded is remembered per (model, GPU,
+cap, context, parallel, ubatch) so the next run starts there.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -41,14 +42,24 @@ from executor.errors import ConfigError, ModelError
 from executor.gguf_info import ModelInfo, read_model_info
 from executor.gpu import Device
 from executor.models import cached_model_sha256, check_default_hash, check_gguf, model_sha256
-from executor.plan import Plan, PlanRequest, choose_parallel, kv_layer_bytes, make_plan, parts_for
+from executor.placement import Placement
+from executor.plan import (
+    Plan,
+    PlanRequest,
+    choose_parallel,
+    make_plan,
+    rank,
+    shrink,
+)
 from executor.records import DryRun, LoadSpec
 from executor.store import Database
 from executor.store import loads as load_store
 from executor.store.loads import ConfigKey
+from executor.store.queue import Job
 from executor.store.schema import LoadOutcome
 from executor.supervisor import Died, ModelLoadFailed, ModelProcess, dry_run
 from executor.units import format_bytes, parse_cap, parse_size
+from executor.workload import DEFAULT_CTX, context_for, job_context_need
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,7 @@ OOM = re.compile(
     r"ErrorOutOfDeviceMemory|std::bad_alloc|CUBLAS_STATUS_ALLOC_FAILED",
     re.IGNORECASE,
 )
+UBATCH_CHOICES = (2048, 1024, 512)
 
 
 def is_oom(text: str) -> bool:
@@ -75,9 +87,11 @@ class PlanReport:
     plan: Plan
     key: ConfigKey
     probe: gpu.Probe | None  # None when planning for a card given by --gpu-total
-    known_layers: int | None
+    known: Placement | None  # remembered to work on this configuration
     dry_run: DryRun | None = None
     dry_run_note: str = ""
+    context_note: str = ""  # how the context was chosen
+    ubatch_note: str = ""  # what a larger ubatch would trade
 
     def as_dict(self) -> dict[str, Any]:
         m = self.model
@@ -86,17 +100,23 @@ class PlanReport:
                 "path": m.path,
                 "architecture": m.architecture,
                 "layers": m.n_layer,
+                "experts": m.n_expert,
+                "experts_used": m.n_expert_used,
+                "sliding_window": m.n_swa,
                 "file_size": m.file_size,
                 "weights": m.weights_bytes,
+                "weights_by_class": m.class_bytes(),
                 "quantization": m.quantization,
                 "sha256": self.key.model_sha256,
             },
             "gpu": None if self.plan.device is None else vars(self.plan.device),
             "gpu_problem": self.probe.problem if self.probe else None,
             "plan": self.plan.as_dict(),
-            "remembered_layers": self.known_layers,
+            "remembered": None if self.known is None else self.known.as_dict(),
             "dry_run": None if self.dry_run is None else vars(self.dry_run),
             "dry_run_note": self.dry_run_note,
+            "context_note": self.context_note,
+            "ubatch_note": self.ubatch_note,
         }
 
 
@@ -105,62 +125,64 @@ def plan_for(
     db: Database,
     model_path: str | Path,
     *,
+    job: Job | None = None,
     nvml: Any | None = None,
     gpu_total: str | None = None,
     ram_total: str | None = None,
     use_dry_run: bool | None = None,
     sha256: str | None = None,
+    ceiling: Placement | None = None,
 ) -> PlanReport:
-    """Plan a load of `model_path` on this machine's first GPU (or a card of `gpu_total`).
+    """Plan a load of `model_path` on this machine's GPU (or a card of `gpu_total`), for
+    `job`'s work when given (its context need sizes `ctx: auto`).
 
     With `gpu_total` the plan is for another machine: its RAM is `ram_total` if given, and
     this machine's RAM is not checked. `use_dry_run`: ask llama.cpp to confirm the sizes
-    (None: only when a GPU is there, where the compute buffer matters most).
+    (None: only when a GPU is there, where the compute buffer matters most). `ceiling`: at
+    most this placement (an OOM earlier in this run).
     """
     path = Path(model_path)
     info = read_model_info(path)
-    probe: gpu.Probe | None = None
-    if gpu_total:
-        try:
-            total = parse_size(gpu_total)
-        except ValueError as exc:
-            raise ConfigError(f"--gpu-total: {exc}") from None
-        device: Device | None = Device(
-            name=f"a {format_bytes(total)} card (--gpu-total)",
-            uuid="planned",
-            total=total,
-            free=total,
-        )
-    else:
-        probe = gpu.probe(nvml)
-        card = gpu.pick(probe, settings.gpu)
-        device = card.as_device() if card else None
+    probe, device = _device(settings, nvml, gpu_total)
     cap = (
         parse_cap(settings.vram_cap).resolve(device.total) if settings.vram_cap and device else None
     )
+    n_ctx, context_note = _context(settings, db, info, job)
+    base = _request(settings, device, n_ctx, 1, 512, cap, gpu_total, ram_total)
     parallel = settings.parallel
     if parallel == "auto":
-        parallel = choose_parallel(
-            info, device, _request(settings, device, 1, cap, gpu_total, ram_total)
-        )
+        parallel = choose_parallel(info, device, base)
+    n_ubatch, ubatch_note = _ubatch(settings, info, device, replace(base, parallel=parallel))
     # Hashing a 64 GB file takes minutes: plan from the cached hash; the worker hashes.
     sha256 = sha256 or cached_model_sha256(db, path) or ""
     key = ConfigKey(
         model_sha256=sha256,
         gpu_uuid=device.uuid if device else "cpu",
         cap_setting=settings.vram_cap or "",
-        n_ctx=settings.ctx,
-        parallel=parallel,
+        n_ctx=n_ctx,
+        parallel=int(parallel),
+        n_ubatch=n_ubatch,
     )
     remembered = device is not None and bool(sha256)
-    known = load_store.known_layers(db, key) if remembered else None
+    stored = load_store.known_placement(db, key) if remembered else None
+    known = Placement.from_dict(stored) if stored else None
     request = replace(
-        _request(settings, device, parallel, cap, gpu_total, ram_total),
+        base,
+        parallel=int(parallel),
+        n_ubatch=n_ubatch,
+        n_batch=max(settings.n_batch, n_ubatch),
         correction=load_store.measured_excess(db, key) if remembered else 0,
-        known_layers=known,
+        known=_lowest(info, request_by_tensor(settings), known, ceiling),
     )
-    plan = make_plan(info, device, request)
-    report = PlanReport(info, plan, key, probe, known)
+    report = PlanReport(
+        info,
+        make_plan(info, device, request),
+        key,
+        probe,
+        known,
+        context_note=context_note,
+        ubatch_note=ubatch_note,
+    )
     if gpu_total:
         return replace(
             report, dry_run_note="no dry run: the card is not in this machine (--gpu-total)"
@@ -170,6 +192,104 @@ def plan_for(
     return report
 
 
+def request_by_tensor(settings: Settings) -> bool:
+    return settings.placement == "tensors"
+
+
+def _lowest(model: ModelInfo, by_tensor: bool, *placements: Placement | None) -> Placement | None:
+    given = [p for p in placements if p is not None]
+    return max(given, key=lambda p: rank(model, p, by_tensor), default=None)
+
+
+def _device(
+    settings: Settings, nvml: Any | None, gpu_total: str | None
+) -> tuple[gpu.Probe | None, Device | None]:
+    if gpu_total:
+        try:
+            total = parse_size(gpu_total)
+        except ValueError as exc:
+            raise ConfigError(f"--gpu-total: {exc}") from None
+        name = f"a {format_bytes(total)} card (--gpu-total)"
+        return None, Device(name=name, uuid="planned", total=total, free=total)
+    probe = gpu.probe(nvml)
+    card = gpu.pick(probe, settings.gpu)
+    return probe, card.as_device() if card else None
+
+
+def _context(settings: Settings, db: Database, info: ModelInfo, job: Job | None) -> tuple[int, str]:
+    """The context per sequence: the setting if fixed, else what the job's items need."""
+    if settings.ctx != "auto":
+        return int(settings.ctx), f"ctx {settings.ctx} ({settings.sources.get('ctx', 'set')})"
+    if job is None:
+        return DEFAULT_CTX, (
+            f"ctx {DEFAULT_CTX}: no job to size it from (--job ID plans for a queued job's "
+            "prompts; --ctx fixes it)"
+        )
+    need = job_context_need(db, job, settings.engine)
+    ctx = context_for(need, info.n_ctx_train)
+    if ctx is None:
+        return DEFAULT_CTX, f"ctx {DEFAULT_CTX}: job {job.id} has no unfinished items"
+    capped = " (the model's trained context)" if need and ctx < need else ""
+    return ctx, (
+        f"ctx {ctx}{capped}: sized from job {job.id}'s work (its longest prompt + max_tokens "
+        f"needs {need} tokens)"
+    )
+
+
+def _ubatch(
+    settings: Settings, info: ModelInfo, device: Device | None, req: PlanRequest
+) -> tuple[int, str]:
+    """n_ubatch: the setting if fixed; on a GPU the largest of 2048/1024/512 that costs at
+    most one block (of experts or of a layer) against 512 — with weights in RAM a bigger
+    physical batch processes prompts several times faster (llama.cpp measured 203 → 2,090
+    tok/s from 128 to 2048 with experts on the CPU); on the CPU 512."""
+    if settings.n_ubatch != "auto":
+        return int(settings.n_ubatch), ""
+    if device is None:
+        return 512, ""
+    base = make_plan(info, device, req)
+    if base.n_gpu_layers == 0:
+        return 512, ""
+    blocks = max(info.layer_bytes, default=0)
+    for ubatch in UBATCH_CHOICES[:-1]:
+        bigger = make_plan(info, device, replace(req, n_ubatch=ubatch, n_batch=ubatch))
+        lost = base.gpu.layer_weights + base.gpu.output_layer
+        lost -= bigger.gpu.layer_weights + bigger.gpu.output_layer
+        if bigger.n_gpu_layers == base.n_gpu_layers and lost <= blocks:
+            note = f"ubatch {ubatch}: prompts are processed {ubatch // 512}× more at a time" + (
+                f", for {format_bytes(lost)} of weights moved to RAM" if lost > 0 else ""
+            )
+            return ubatch, note
+    return 512, "ubatch 512: a larger one would move more than a block's weights to RAM"
+
+
+def _request(
+    settings: Settings,
+    device: Device | None,
+    n_ctx: int,
+    parallel: int,
+    n_ubatch: int,
+    cap: int | None,
+    gpu_total: str | None,
+    ram_total: str | None,
+) -> PlanRequest:
+    """The plan request the settings describe, before memory of past loads is added."""
+    return PlanRequest(
+        n_ctx=n_ctx,
+        parallel=parallel,
+        cache_type_k=settings.cache_type,
+        cache_type_v=settings.cache_type,
+        n_batch=max(settings.n_batch, n_ubatch),
+        n_ubatch=n_ubatch,
+        flash_attn=flash_attn_for(settings, device),
+        swa_full=swa_full_for(settings, device),
+        by_tensor=request_by_tensor(settings),
+        vram_cap=cap,
+        gpu_layers=None if settings.gpu_layers == "auto" else int(settings.gpu_layers),
+        ram_available=_ram(gpu_total, ram_total),
+    )
+
+
 def flash_attn_for(settings: Settings, device: Device | None) -> bool:
     """auto: on when layers go to a GPU (it keeps the compute buffer small), off on the CPU."""
     if settings.flash_attn == "auto":
@@ -177,27 +297,18 @@ def flash_attn_for(settings: Settings, device: Device | None) -> bool:
     return settings.flash_attn == "on"
 
 
-def _request(
-    settings: Settings,
-    device: Device | None,
-    parallel: int,
-    cap: int | None,
-    gpu_total: str | None,
-    ram_total: str | None,
-) -> PlanRequest:
-    """The plan request the settings describe, before memory of past loads is added."""
-    return PlanRequest(
-        n_ctx=settings.ctx,
-        parallel=parallel,
-        cache_type_k=settings.cache_type,
-        cache_type_v=settings.cache_type,
-        n_batch=settings.n_batch,
-        n_ubatch=settings.n_ubatch,
-        flash_attn=flash_attn_for(settings, device),
-        vram_cap=cap,
-        gpu_layers=None if settings.gpu_layers == "auto" else int(settings.gpu_layers),
-        ram_available=_ram(gpu_total, ram_total),
-    )
+def swa_full_for(settings: Settings, device: Device | None) -> bool:
+    """auto: full-size sliding-window caches without a GPU, the window only with one.
+
+    Measured (benchmarks/swa.py, window 32, a shared 300-word system prompt): the window only
+    holds 0.69× the KV memory of full-size caches, and as long as answers are short the
+    shared prompt prefix is still in the cache when the next prompt wants it (the same 1,002
+    of 14,086 prompt tokens computed); with 800-token answers the prefix has left the window
+    and 10.6× more prompt tokens are computed. On a GPU the memory buys routed experts or
+    layers, which every token uses; in RAM memory is cheap and reuse saves prompt work."""
+    if settings.swa_full == "auto":
+        return device is None
+    return settings.swa_full == "on"
 
 
 def _ram(gpu_total: str | None, ram_total: str | None) -> int | None:
@@ -209,23 +320,32 @@ def _ram(gpu_total: str | None, ram_total: str | None) -> int | None:
     return None if gpu_total else system.ram_available()
 
 
+def load_spec(
+    settings: Settings, plan: Plan, model_path: str, gpu_uuid: str | None = None
+) -> LoadSpec:
+    """The model process's load for a plan."""
+    req = plan.request
+    return LoadSpec.from_settings(
+        settings,
+        model_path,
+        n_ctx=req.n_ctx,
+        n_gpu_layers=plan.n_gpu_layers,
+        parallel=req.parallel,
+        n_ubatch=plan.n_ubatch,
+        flash_attn=req.flash_attn,
+        swa_full=req.swa_full,
+        tensor_overrides=tuple(tuple(r.rsplit("=", 1)) for r in plan.rules),  # type: ignore[misc]
+        gpu_uuid=gpu_uuid,
+    )
+
+
 def _confirm_with_dry_run(
-    settings: Settings,
-    report: PlanReport,
-    device: Device | None,
-    request: PlanRequest,
+    settings: Settings, report: PlanReport, device: Device | None, request: PlanRequest
 ) -> PlanReport:
     """Ask llama.cpp for its exact buffer sizes; correct the plan if the GPU needs more."""
     info = report.model
-    for _ in range(2):  # the corrected plan may move the layer count once
-        spec = LoadSpec.from_settings(
-            settings,
-            info.path,
-            report.plan.n_gpu_layers,
-            flash_attn=request.flash_attn,
-            parallel=request.parallel,
-        )
-        result = dry_run(spec)
+    for _ in range(2):  # the corrected plan may move the placement once
+        result = dry_run(load_spec(settings, report.plan, info.path))
         if isinstance(result, str):
             return replace(report, dry_run_note=f"llama.cpp dry run not available: {result}")
         report = replace(report, dry_run=result)
@@ -233,7 +353,7 @@ def _confirm_with_dry_run(
             cpu_plan = make_plan(info, None, request)
             note = (
                 "this llama-cpp-python was built without GPU offload: everything runs on "
-                "the CPU (reinstall it with CMAKE_ARGS=-DGGML_CUDA=on)"
+                "the CPU (build it with CUDA: make setup GPU=cuda)"
             )
             return replace(report, plan=replace(cpu_plan, notes=(note, *cpu_plan.notes)))
         gpu_compute = sum(
@@ -270,15 +390,33 @@ class Loaded:
     proc: ModelProcess
     load_id: int
     report: PlanReport
-    n_gpu_layers: int
-    parallel: int
+    plan: Plan  # the plan of the attempt that loaded (after any shrinking)
+    key: ConfigKey  # the configuration that loaded (its parallel may have been halved)
     model_path: str
     sha256: str
     overrides: dict[str, Any] = field(default_factory=dict)  # the job's load settings
 
+    @property
+    def n_gpu_layers(self) -> int:
+        return self.plan.n_gpu_layers
+
+    @property
+    def parallel(self) -> int:
+        return self.plan.request.parallel
+
+    @property
+    def n_ctx(self) -> int:
+        return self.plan.request.n_ctx
+
 
 class _Retry(Exception):
-    """This attempt failed in a way that fewer layers may fix."""
+    """This attempt failed in a way that less on the GPU may fix."""
+
+
+@dataclass
+class _Attempt:
+    placement: Placement
+    parallel: int
 
 
 class ModelLoader:
@@ -305,14 +443,14 @@ class ModelLoader:
         self.stopping = stopping
         self.faults = faults or Faults.from_env()
         self.processes = 0
-        # Per configuration: the most layers allowed after an OOM in this run.
-        self.ceilings: dict[load_store.ConfigKey, int] = {}
+        # Per configuration: the most allowed after an OOM in this run.
+        self.ceilings: dict[ConfigKey, Placement] = {}
 
-    def load(self, model_path: str, overrides: dict[str, Any] | None = None) -> Loaded:
-        """Plan and load `model_path`; shrink and retry on OOM. ModelError if it cannot load.
-
-        `overrides`: settings a job asks for its model (ctx, parallel, vram_cap).
-        """
+    def load(
+        self, model_path: str, overrides: dict[str, Any] | None = None, job: Job | None = None
+    ) -> Loaded:
+        """Plan and load `model_path` for `job`; shrink and retry on OOM. ModelError if it
+        cannot load. `overrides`: settings a job asks for its model (ctx, parallel, vram_cap)."""
         settings = replace(self.settings, **overrides) if overrides else self.settings
         path = Path(model_path)
         if not path.is_file():
@@ -320,18 +458,19 @@ class ModelLoader:
         check_gguf(path)
         sha = model_sha256(self.db, path)
         check_default_hash(path, sha)
-        report = plan_for(settings, self.db, path, nvml=self.nvml, sha256=sha)
+        report = plan_for(settings, self.db, path, job=job, nvml=self.nvml, sha256=sha)
+        report = self._under_ceiling(settings, report, job, sha)
         plan = report.plan
         if not plan.ram_ok and not settings.allow_swap:
             raise ModelError(
                 f"{plan.notes[-1]}; refusing to load",
-                hint="fewer CPU layers (a larger --vram-cap), a smaller --ctx, or --allow-swap "
+                hint="less in RAM (a larger --vram-cap), a smaller --ctx, or --allow-swap "
                 "to run anyway; then `executor retry JOB`",
             )
-        state = {
-            "layers": min(plan.n_gpu_layers, self.ceilings.get(report.key, 10**6)),
-            "parallel": plan.request.parallel,
-        }
+        for note in (report.context_note, report.ubatch_note, *plan.notes):
+            if note:
+                log.info("plan: %s", note)
+        state = _Attempt(plan.placement, plan.request.parallel)
         retrying = Retrying(
             retry=retry_if_exception_type(_Retry),
             wait=wait_random_exponential(multiplier=settings.backoff_seconds, max=60),
@@ -346,20 +485,34 @@ class ModelLoader:
                 return loaded
         raise AssertionError("unreachable")
 
+    def _under_ceiling(
+        self, settings: Settings, report: PlanReport, job: Job | None, sha: str
+    ) -> PlanReport:
+        ceiling = self.ceilings.get(report.key)
+        if ceiling is None:
+            return report
+        return plan_for(
+            settings, self.db, report.model.path, job=job, nvml=self.nvml, sha256=sha,
+            ceiling=ceiling,
+        )  # fmt: skip
+
+    def _attempt_plan(self, report: PlanReport, state: _Attempt) -> Plan:
+        """The plan at this attempt's parallel, at most this attempt's placement."""
+        req = replace(report.plan.request, parallel=state.parallel, known=state.placement)
+        return make_plan(report.model, report.plan.device, req)
+
     def _attempt(
-        self, settings: Settings, path: Path, sha: str, report: PlanReport, state: dict[str, int]
+        self, settings: Settings, path: Path, sha: str, report: PlanReport, state: _Attempt
     ) -> Loaded:
         if self.stopping():
             raise ModelError("stopping: the model was not loaded")
-        layers, parallel = state["layers"], state["parallel"]
-        plan = report.plan
+        plan = self._attempt_plan(report, state)
         device = plan.device
-        predicted, estimate = self._predicted(report, layers)
-        key = (
-            replace(report.key, parallel=parallel)
-            if parallel != report.key.parallel
-            else report.key
-        )
+        key = replace(report.key, parallel=state.parallel)
+        predicted = plan.gpu.total if device and plan.n_gpu_layers else 0
+        # Stored without the learned correction, so measured − predicted stays the whole
+        # excess that the next plan adds back.
+        estimate = predicted - plan.gpu.correction if predicted else 0
         load_id = load_store.start_load(
             self.db,
             key,
@@ -367,31 +520,29 @@ class ModelLoader:
             model_path=str(path),
             gpu_name=device.name if device else None,
             vram_cap=plan.cap,
-            n_gpu_layers=layers,
+            placement=plan.placement.as_dict(),
+            tensor_overrides=list(plan.rules),
             predicted_vram=estimate if device else None,
             plan=plan.as_dict(),
         )
-        spec = LoadSpec.from_settings(
-            settings,
-            str(path),
-            layers,
-            parallel=parallel,
-            flash_attn=flash_attn_for(settings, device),
-            gpu_uuid=device.uuid if device else None,
-        )
+        spec = load_spec(settings, plan, str(path), device.uuid if device else None)
         self.processes += 1
         proc = ModelProcess(
             spec, self.log_path, replace(self.faults, process_number=self.processes)
         )
         log.info(
-            "loading %s with %d of %d layers on the GPU (predicted %s; cap %s; log %s)",
+            "loading %s with %d of %d layers on the GPU%s (predicted %s; cap %s; ctx %d × %d; "
+            "log %s)",
             path.name,
-            layers,
+            plan.n_gpu_layers,
             plan.max_layers,
+            f", {len(plan.rules)} tensor rules" if plan.rules else "",
             format_bytes(predicted),
             format_bytes(plan.cap),
+            plan.request.n_ctx,
+            plan.request.parallel,
             self.log_path,
-            extra={"layers": layers},
+            extra={"layers": plan.n_gpu_layers},
         )
         try:
             proc.start(abort=self.stopping)
@@ -409,10 +560,10 @@ class ModelLoader:
             if self.stopping():
                 raise ModelError("stopping: the model was not loaded") from None
             why = f"{'out of memory' if oom else 'crashed'} at load"
-            if (oom or exc.crashed) and self._shrink(state, report, why):
+            if (oom or exc.crashed) and self._shrink(state, report, plan, why):
                 raise _Retry(reason) from None
             raise ModelError(f"model {path} did not load: {reason}") from None
-        if device is not None and layers != 0 and proc.pid is not None:
+        if device is not None and plan.n_gpu_layers != 0 and proc.pid is not None:
             measured = self.measure(proc.pid, device.uuid)
             if measured is not None:
                 load_store.update_load(self.db, load_id, measured_vram=measured)
@@ -431,20 +582,21 @@ class ModelLoader:
                     load_store.update_load(
                         self.db, load_id, outcome=LoadOutcome.OVER_CAP, cause=cause, ended=True
                     )
-                    if not self._shrink(state, report, cause, over=measured - plan.cap):
-                        raise ModelError(f"model {path}: {cause}, even with no GPU layer")
+                    if not self._shrink(state, report, plan, cause, over=measured - plan.cap):
+                        raise ModelError(f"model {path}: {cause}, even with nothing on the GPU")
                     raise _Retry(cause)
         load_store.update_load(self.db, load_id, outcome=LoadOutcome.LOADED)
-        load_store.remember_layers(self.db, key, layers)
-        if not proc.info.get("gpu_offload_supported", True) and layers:
+        load_store.remember_placement(self.db, key, plan.placement.as_dict())
+        if not proc.info.get("gpu_offload_supported", True) and plan.n_gpu_layers:
             log.warning(
                 "this llama-cpp-python was built without GPU offload: the model runs "
-                "on the CPU (reinstall with CMAKE_ARGS=-DGGML_CUDA=on)"
+                "on the CPU (build it with CUDA: make setup GPU=cuda)"
             )
-        return Loaded(proc, load_id, report, layers, parallel, str(path), sha)
+        return Loaded(proc, load_id, report, plan, key, str(path), sha)
 
     def crashed(self, loaded: Loaded, died: Died) -> None:
-        """The model process died while generating: record it; on OOM lower the ceiling."""
+        """The model process died while generating: record it; on OOM lower the ceiling and
+        remember the smaller placement under the configuration that had loaded."""
         oom = is_oom(died.reason)
         load_store.update_load(
             self.db,
@@ -454,66 +606,67 @@ class ModelLoader:
             ended=True,
         )
         if oom and loaded.n_gpu_layers != 0:
-            state = {"layers": loaded.n_gpu_layers, "parallel": loaded.parallel}
-            self._shrink(state, loaded.report, "out of memory while generating")
-            load_store.remember_layers(self.db, loaded.report.key, state["layers"])
+            state = _Attempt(loaded.plan.placement, loaded.parallel)
+            self._shrink(state, loaded.report, loaded.plan, "out of memory while generating")
+            load_store.remember_placement(self.db, loaded.key, state.placement.as_dict())
 
     def closed(self, loaded: Loaded) -> None:
         """The model process was stopped normally."""
         load_store.update_load(self.db, loaded.load_id, ended=True)
 
-    def _shrink(self, state: dict[str, int], report: PlanReport, why: str, over: int = 0) -> bool:
-        """Fewer GPU layers (by a step, or by the measured overshoot); fewer parallel sequences
-        first if configured, or last when no layer is left. False: nothing left to shrink."""
-        layers = report.plan.max_layers if state["layers"] < 0 else state["layers"]
+    def _shrink(
+        self, state: _Attempt, report: PlanReport, plan: Plan, why: str, over: int = 0
+    ) -> bool:
+        """Less on the GPU (a step, or by the measured overshoot); fewer parallel sequences
+        first if configured, or last when nothing is left on the GPU. False: nothing left."""
+        nothing_left = state.placement.n_gpu_layers == 0
         halve = (
-            state["parallel"] > 1
+            state.parallel > 1
             and not over
-            and (self.settings.shrink_parallel_first or layers == 0)
+            and (self.settings.shrink_parallel_first or nothing_left)
         )
         if halve:
-            state["parallel"] //= 2
+            state.parallel //= 2
             log.warning(
                 "%s at parallel %d: next try at parallel %d",
                 why,
-                state["parallel"] * 2,
-                state["parallel"],
+                state.parallel * 2,
+                state.parallel,
                 extra={"cause": why},
             )
             return True
-        if layers == 0:
+        smaller = shrink(
+            report.model,
+            plan.request,
+            state.placement,
+            self.settings.shrink_step,
+            over=over,
+            by_tensor=plan.by_tensor,
+        )
+        if smaller is None:
             return False
-        step = max(1, math.ceil(layers * self.settings.shrink_step))
-        if over:
-            per_layer = max(sum(report.model.layer_bytes) // max(report.model.n_layer, 1), 1)
-            step = max(step, math.ceil(over / per_layer) + 1)
-        state["layers"] = max(layers - step, 0)
-        self.ceilings[report.key] = state["layers"]
         log.warning(
-            "%s with %d GPU layers: next try with %d",
+            "%s with %s: next try with %s",
             why,
-            layers,
-            state["layers"],
-            extra={"layers": state["layers"], "cause": why},
+            _short(report.model, state.placement),
+            _short(report.model, smaller),
+            extra={"layers": smaller.n_gpu_layers, "cause": why},
         )
+        state.placement = smaller
+        self.ceilings[replace(report.key, parallel=state.parallel)] = smaller
+        self.ceilings[report.key] = smaller
         return True
-
-    def _predicted(self, report: PlanReport, layers: int) -> tuple[int, int]:
-        """(prediction with the learned correction, the pure estimate) for `layers`.
-
-        The pure estimate is what `loads` stores, so that measured − predicted stays the
-        whole excess that the next plan adds back.
-        """
-        plan = report.plan
-        if plan.device is None or layers == 0:
-            return 0, 0
-        k = plan.max_layers if layers < 0 else layers
-        gpu_part, _ = parts_for(
-            report.model, plan.request, k, kv_layer_bytes(report.model, plan.request), True
-        )
-        return gpu_part.total, gpu_part.total - gpu_part.correction
 
     @staticmethod
     def _log_backoff(state: RetryCallState) -> None:
         wait = state.next_action.sleep if state.next_action else 0
         log.info("reloading in %.1fs (attempt %d)", wait, state.attempt_number + 1)
+
+
+def _short(model: ModelInfo, p: Placement) -> str:
+    """`30 GPU layers`, or `37 GPU layers, experts of 12 blocks in RAM`."""
+    text = f"{p.n_gpu_layers} GPU layers"
+    if model.moe and (p.cpu_experts or p.partial_block is not None):
+        ram = p.cpu_experts + (1 if p.partial_block is not None else 0)
+        text += f", experts of {ram} blocks in RAM"
+    return text

@@ -52,6 +52,9 @@ class LoadSpec:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     op_offload: bool = True
+    swa_full: bool = False  # sliding-window layers keep the whole context (llama.cpp's default)
+    # llama.cpp's -ot rules, in order (the first match decides): (regex, buffer type name)
+    tensor_overrides: tuple[tuple[str, str], ...] = ()
     gpu_uuid: str | None = None  # the one GPU the model process may see
 
     @classmethod
@@ -59,26 +62,32 @@ class LoadSpec:
         cls,
         settings: Settings,
         model_path: str,
-        n_gpu_layers: int,
         *,
-        flash_attn: bool,
+        n_ctx: int,
+        n_gpu_layers: int,
         parallel: int,
+        n_ubatch: int,
+        flash_attn: bool,
+        swa_full: bool,
+        tensor_overrides: tuple[tuple[str, str], ...] = (),
         gpu_uuid: str | None = None,
     ) -> LoadSpec:
-        """The load the settings describe, with the plan's layers and parallel sequences."""
+        """The load of a plan: its context, layers, rules and batch; the rest from settings."""
         return cls(
             engine=settings.engine,
             model_path=model_path,
-            n_ctx=settings.ctx,
+            n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
             n_threads=settings.threads,
             seed=settings.seed,
             parallel=parallel,
-            n_batch=settings.n_batch,
-            n_ubatch=settings.n_ubatch,
+            n_batch=max(settings.n_batch, n_ubatch),
+            n_ubatch=n_ubatch,
             flash_attn=flash_attn,
             cache_type_k=settings.cache_type,
             cache_type_v=settings.cache_type,
+            swa_full=swa_full,
+            tensor_overrides=tensor_overrides,
             gpu_uuid=gpu_uuid,
         )
 
@@ -175,6 +184,8 @@ class DryRun:
     n_ctx: int
     n_ctx_seq: int
     flash_attn: str
+    weights: dict[str, int] = field(default_factory=dict)  # model buffers per buffer type
+    overridden: dict[str, str] = field(default_factory=dict)  # tensor → buffer type (-ot)
 
 
 # --- pipe messages ------------------------------------------------------------------------------

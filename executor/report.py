@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from executor.plan import describe
 from executor.units import format_bytes, format_duration
 
 if TYPE_CHECKING:
@@ -62,12 +63,26 @@ def format_jobs(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + errors)
 
 
+CLASS_LABELS = {
+    "attention": "attention",
+    "ffn": "dense FFN",
+    "router": "router",
+    "shared_experts": "shared experts",
+    "routed_experts": "routed experts",
+    "other": "other block tensors",
+    "output": "output layer",
+    "token_embedding": "token embedding",
+}
+
+
 def format_plan(report: PlanReport) -> str:
-    """The plan as a table for people."""
+    """The plan as a table for people: per kind of tensor, what is on the GPU and in RAM."""
     m, plan = report.model, report.plan
+    kind = f"MoE, {m.n_expert} experts, {m.n_expert_used} used" if m.moe else "dense"
+    window = f", sliding window {m.n_swa}" if m.n_swa else ""
     lines = [
-        f"model     {Path(m.path).name}  ({m.architecture}, {m.n_layer} blocks, "
-        f"{m.quantization or '?'}, {format_bytes(m.file_size)})",
+        f"model     {Path(m.path).name}  ({m.architecture}, {m.n_layer} blocks, {kind}"
+        f"{window}, {m.quantization or '?'}, {format_bytes(m.file_size)})",
     ]
     if plan.device is None:
         problem = report.probe.problem if report.probe else None
@@ -81,8 +96,8 @@ def format_plan(report: PlanReport) -> str:
     r = plan.request
     lines.append(
         f"context   {r.n_ctx} tokens × {r.parallel} sequence{'s' * (r.parallel > 1)}, "
-        f"KV {r.cache_type_k}, flash attention {'on' if r.flash_attn else 'off'}, "
-        f"ubatch {plan.n_ubatch}"
+        f"KV {r.cache_type_k}{', full-size SWA' if r.swa_full and m.n_swa else ''}, "
+        f"flash attention {'on' if r.flash_attn else 'off'}, ubatch {plan.n_ubatch}"
     )
     where = (
         f"the output layer + last {plan.gpu_blocks} blocks"
@@ -90,16 +105,20 @@ def format_plan(report: PlanReport) -> str:
         else "everything on the CPU"
     )
     lines.append(f"layers    {plan.n_gpu_layers} of {plan.max_layers} on the GPU ({where})")
-    if report.known_layers is not None:
+    for rule in plan.rules:
+        lines.append(f"rule      -ot {rule}")
+    if report.known is not None:
         lines.append(
-            f"memory    {report.known_layers} layers loaded and ran on this card "
-            "before with these settings"
+            f"memory    {describe(m, report.known)} loaded and ran on this card before with "
+            "these settings"
         )
     lines.append("")
-    rows = [
-        ("layer weights", plan.gpu.layer_weights, plan.cpu.layer_weights),
-        ("output layer", plan.gpu.output_layer, plan.cpu.output_layer),
-        ("token embedding", None, plan.cpu.token_embedding),
+    rows: list[tuple[str, int | None, int | None]] = []
+    for cls, label in CLASS_LABELS.items():
+        g, c = plan.gpu.weights.get(cls, 0), plan.cpu.weights.get(cls, 0)
+        if g or c:
+            rows.append((label, g, c))
+    rows += [
         ("KV cache", plan.gpu.kv_cache, plan.cpu.kv_cache),
         ("compute buffer", plan.gpu.compute_buffer, plan.cpu.compute_buffer),
         ("output buffer", None, plan.cpu.output_buffer),
@@ -108,15 +127,18 @@ def format_plan(report: PlanReport) -> str:
     if plan.gpu.correction:
         rows.append(("measured excess", plan.gpu.correction, None))
     rows.append(("total", plan.gpu.total, plan.cpu.total))
-    lines.append(f"{'':18}{'GPU':>12}{'CPU':>12}")
+    lines.append(f"{'':20}{'GPU':>12}{'RAM':>12}")
     for label, g, c in rows:
-        lines.append(f"{label:18}{_cell(g, plan.device is not None):>12}{_cell(c, True):>12}")
+        lines.append(f"{label:20}{_cell(g, plan.device is not None):>12}{_cell(c, True):>12}")
     lines.append("")
     if plan.ram_available is not None:
         state = "OK" if plan.ram_ok else "NOT ENOUGH"
         lines.append(
-            f"RAM       {format_bytes(plan.ram_available)} available for the CPU part: {state}"
+            f"RAM       {format_bytes(plan.ram_available)} available for the RAM part: {state}"
         )
+    if plan.cap is not None and plan.n_gpu_layers:
+        share = plan.gpu.total / plan.cap if plan.cap else 0
+        lines.append(f"GPU use   {share:.0%} of the cap")
     if report.dry_run is not None:
         compute = ", ".join(f"{k} {format_bytes(v)}" for k, v in report.dry_run.compute.items())
         lines.append(
@@ -124,6 +146,7 @@ def format_plan(report: PlanReport) -> str:
         )
     if report.dry_run_note:
         lines.append(report.dry_run_note)
+    lines += [f"note      {n}" for n in (report.context_note, report.ubatch_note) if n]
     lines += [f"note      {n}" for n in plan.notes]
     return "\n".join(lines)
 

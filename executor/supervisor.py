@@ -13,7 +13,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from executor.engine.child import dry_run_main
+from executor.engine.child import counter_main, dry_run_main
 from executor.engine.child import main as child_main
 from executor.engine.faults import Faults
 from executor.records import (
@@ -247,6 +247,61 @@ def _ask_engine(spec: LoadSpec | None, allocate: bool, timeout: float) -> tuple[
             process.kill()
         process.join()
         parent_conn.close()
+
+
+class PromptCounter:
+    """Counts prompt tokens in a throwaway process (the parent never imports llama.cpp): the
+    tokens the model process will see, chat template included, before the model is loaded."""
+
+    def __init__(self, engine: str, model_path: str, timeout: float = 120.0) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=counter_main,
+            args=(child_conn, engine, model_path),
+            daemon=True,
+            name="executor-counter",
+        )
+        self._process.start()
+        child_conn.close()
+        try:
+            if not self._conn.poll(timeout):
+                raise ModelLoadFailed("counting tokens: llama.cpp did not answer", crashed=True)
+            ready = self._conn.recv()
+        except (EOFError, OSError):
+            self.close()
+            raise ModelLoadFailed(
+                f"counting tokens: the process {describe_exit(self._process.exitcode)}",
+                crashed=True,
+            ) from None
+        if not isinstance(ready, Ready):
+            self.close()
+            raise ModelLoadFailed(f"counting tokens: {ready.reason}", crashed=False)
+
+    def count(self, requests: list[GenerationRequest]) -> list[int | None]:
+        try:
+            self._conn.send(requests)
+            return self._conn.recv()
+        except (EOFError, OSError):
+            raise ModelLoadFailed(
+                f"counting tokens: the process {describe_exit(self._process.exitcode)}",
+                crashed=True,
+            ) from None
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self._conn.send(None)
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
+
+    def __enter__(self) -> PromptCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def describe_exit(exitcode: int | None) -> str:

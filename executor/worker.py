@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from executor import gpu
 from executor.config import Settings, xdg_dir
@@ -29,6 +29,7 @@ from executor.store.locks import worker_lock
 from executor.store.queue import ClaimedItem, Job
 from executor.store.schema import JobStatus
 from executor.supervisor import Died, Tick
+from executor.workload import context_for, job_context_need
 
 log = logging.getLogger(__name__)
 
@@ -370,23 +371,43 @@ class Worker:
         queue.release(self.db, pending - in_flight, owner=self.id)
 
     def _ensure_model(self, job: Job) -> bool:
-        """Have the job's model loaded; if it cannot load at all, the job fails with why."""
+        """Have the job's model loaded with a context its items fit in; if it cannot load at
+        all, the job fails with why. A loaded model serves every job of its file and load
+        settings: only a job that needs a longer context makes it reload."""
         overrides = job.params.get("load") or {}
         if (
             self.loaded is not None
             and self.loaded.model_path == job.model
             and self.loaded.overrides == overrides
+            and self._context_fits(job, overrides)
         ):
             return True
         self._unload()
         try:
-            self.loaded = self.loader.load(job.model, overrides)
+            self.loaded = self.loader.load(job.model, overrides, job)
         except ModelError as exc:
             if self.stopping:
                 return False
             reason = str(exc) + (f" ({exc.hint})" if exc.hint else "")
             log.error("job %s: %s", job.id, reason, extra={"job": job.id, "cause": "load"})
             queue.fail_job(self.db, job.id, reason)
+            return False
+        return True
+
+    def _context_fits(self, job: Job, overrides: dict[str, Any]) -> bool:
+        assert self.loaded is not None
+        if overrides.get("ctx", self.settings.ctx) != "auto":
+            return True
+        need = job_context_need(self.db, job, self.settings.engine)
+        ctx = context_for(need, self.loaded.report.model.n_ctx_train)
+        if ctx is not None and ctx > self.loaded.n_ctx:
+            log.info(
+                "job %s needs a context of %d (loaded: %d): reloading",
+                job.id,
+                ctx,
+                self.loaded.n_ctx,
+                extra={"job": job.id},
+            )
             return False
         return True
 

@@ -81,7 +81,7 @@ def test_chat_prompts_tokenize_exactly_as_create_chat_completion(default_model):
     )
     try:
         for request in example_requests():
-            ours, stops = engine.prompt_tokens(request)
+            ours, stops = engine.prompter.prompt_tokens(request)
             if request.messages is None:
                 expected = llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
             else:
@@ -181,7 +181,7 @@ def test_shared_system_prompt_is_computed_once(default_model):
             return False
 
     try:
-        prefix = len(engine.prompt_tokens(requests[0])[0]) - 20
+        prefix = len(engine.prompter.prompt_tokens(requests[0])[0]) - 20
         engine.run_batch(requests, Sink())
         # Five of the six prompts took the system prompt from the cache.
         assert engine.reused_tokens >= 5 * prefix

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from executor.gguf_info import ModelInfo, read_model_info
+from executor.gguf_info import ModelInfo, TensorInfo, read_model_info
 from executor.gpu import Device, FakeNvml, probe, process_vram
+from executor.placement import Placement
 from executor.plan import (
     CUDA_RESERVE,
     FREE_HEADROOM,
@@ -106,31 +107,36 @@ def test_not_a_gguf(tmp_path):
 
 
 def test_70b_q4_k_m_on_a_12_gib_card_at_ctx_2048_by_hand(models):
-    """The count a person gets with a pencil, from the tensor table and llama.cpp's rules.
+    """The layout a person gets with a pencil, from the tensor table and llama.cpp's rules.
 
     Cap: 12 GiB free − 256 MiB headroom = 12032 MiB. Fixed GPU parts once any layer is
     offloaded: the output layer (Q6_K 8192×32000 + norm = 205.11 MiB), the CUDA reserve (512
     MiB) and the compute buffer: FFN phase 3·28672·512·4 B = 168 MiB, four hidden states 64 MiB,
-    the f16 KQ mask 2048·512·2 B = 2 MiB, plus one CPU weight staged for op offload (the
+    the f16 KQ mask 2048·512·2 B = 2 MiB, plus one RAM weight staged for op offload (the
     largest, a Q6_K ffn_down: 183.75 MiB) = 417.75 MiB. Fixed total 1134.86 MiB, leaving
     10897.14 MiB for blocks. A block is 459.06 MiB, or 518.88 MiB where Q4_K_M keeps attn_v
     and ffn_down at Q6_K (the first and last eighth of the layers and every third between),
     plus its KV cache: 2048 cells × 1024 × (2 + 2) B = 8 MiB. From the last block down:
     blocks 79…69 are Q6_K (11 × 526.88 = 5795.7 MiB); then 68, 67 (467.06 each), 66 (526.88),
-    65, 64, 63 (526.88), 62, 61, 60 (526.88), 59: 21 blocks, 10645.69 MiB, 251.45 MiB left;
-    block 58 needs 467.06 MiB and does not fit. So 21 blocks, and n_gpu_layers = 22 (the
-    output layer counts as one). The loop below redoes the sum from the file.
+    65, 64, 63 (526.88), 62, 61, 60 (526.88), 59: 21 whole blocks, 10645.69 MiB, 251.45 MiB
+    left. Block 58 (Q4_K throughout) does not fit whole (467.06 MiB), so it goes in part: its
+    attention (q and o 8192×8192 Q4_K, 36 MiB each; k and v 8192×1024, 4.5 MiB each; two norms
+    64 KiB: 81.06 MiB) and KV (8 MiB) need 89.06 MiB, its ffn_up (8192×28672 Q4_K, 126 MiB)
+    brings that to 215.06 MiB, and ffn_gate would need 126 MiB more than the 36.39 MiB left.
+    So n_gpu_layers = 23 (the output layer + 21 blocks + block 58) and one rule sends block
+    58's ffn_gate and ffn_down to RAM. The loop below redoes the sum from the file.
     """
     info = read_model_info(models["70b"])
     plan = make_plan(info, CARD_12G, PlanRequest(n_ctx=2048))
     cap = 12 * GiB - FREE_HEADROOM
+    sizes = {name: tensor_bytes(ne, q) for name, ne, q in tensor_table(SHAPES["70b"], "Q4_K_M")}
     fixed = (
         info.output_bytes
         + CUDA_RESERVE
         + 3 * 28672 * 512 * 4
         + 4 * 8192 * 512 * 4
         + 2048 * 512 * 2
-        + info.largest_layer_tensor
+        + max(sizes.values())  # staged: the largest tensor left in RAM, a Q6_K ffn_down
     )
     kv_per_block = 2048 * 8 * 128 * (2 + 2)
     budget, blocks = cap - fixed, 0
@@ -140,12 +146,18 @@ def test_70b_q4_k_m_on_a_12_gib_card_at_ctx_2048_by_hand(models):
             break
         budget -= need
         blocks += 1
-    assert plan.gpu_blocks == blocks
-    assert plan.n_gpu_layers == blocks + 1  # the output layer counts as one
-    assert blocks == 21 and plan.n_gpu_layers == 22
-    assert plan.gpu.total <= cap < plan.gpu.total + info.layer_bytes[-blocks - 1] + kv_per_block
-    assert plan.fits and plan.cap == cap
-    assert any(note.startswith("one more layer needs") for note in plan.notes)
+    partial = 79 - blocks
+    ffn = {f"blk.{partial}.{m}.weight" for m in ("ffn_up", "ffn_gate", "ffn_down")}
+    head = sum(v for k, v in sizes.items() if k.startswith(f"blk.{partial}.") and k not in ffn)
+    assert blocks == 21 and partial == 58
+    assert head + kv_per_block + sizes[f"blk.{partial}.ffn_up.weight"] <= budget
+    assert head + kv_per_block + 2 * sizes[f"blk.{partial}.ffn_up.weight"] > budget
+    assert plan.n_gpu_layers == blocks + 2  # the output layer counts as one; block 58 is in
+    assert plan.placement == Placement(23, 0, 58, ("ffn_down", "ffn_gate"))
+    assert plan.rules == (r"blk\.58\.(ffn_down|ffn_gate)\.=CPU",)
+    assert plan.gpu.total <= cap and plan.fits and plan.cap == cap
+    assert cap - plan.gpu.total < sizes[f"blk.{partial}.ffn_gate.weight"]
+    assert any(note.startswith("the next step (ffn_gate+ffn_up of block 58") for note in plan.notes)
 
 
 def test_7b_q4_k_m_fits_entirely_on_12_gib(models):
@@ -189,7 +201,8 @@ def test_no_gpu_means_cpu_only(models):
 def test_remembered_layers_and_fixed_layers(models):
     info = read_model_info(models["70b"])
     planned = make_plan(info, CARD_12G, PlanRequest(n_ctx=2048)).n_gpu_layers
-    remembered = make_plan(info, CARD_12G, PlanRequest(n_ctx=2048, known_layers=planned - 3))
+    known = Placement(planned - 3)
+    remembered = make_plan(info, CARD_12G, PlanRequest(n_ctx=2048, known=known))
     assert remembered.n_gpu_layers == planned - 3
     fixed = make_plan(info, CARD_12G, PlanRequest(n_ctx=2048, gpu_layers=-1))
     assert fixed.n_gpu_layers == 81 and not fixed.fits
@@ -217,11 +230,8 @@ def test_sliding_window_layers_hold_a_window_not_the_context():
         value_length=128,
         n_swa=1024,
         swa_layers=(True, True, True, True, True, False),
-        layer_bytes=(1,) * 6,
-        output_bytes=1,
+        tensors=tuple(TensorInfo(f"blk.{i}.attn_q.weight", i, "attention", 1) for i in range(6)),
         output_tied=False,
-        token_embd_bytes=1,
-        largest_layer_tensor=1,
         file_size=1,
     )
     info = ModelInfo(**base)

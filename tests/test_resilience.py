@@ -127,7 +127,7 @@ def test_oom_at_load_shrinks_layers_and_remembers(tmp_path, db_path, model_1b):
     assert load_rows(db_path)[5:] == [(18, "loaded")]
     plan = run_cli("plan", str(model_1b), "--no-dry-run", db_path=db_path, env=env, check=True)
     assert "layers    18 of 30 on the GPU" in plan.stdout
-    assert "18 layers loaded and ran on this card before" in plan.stdout
+    assert "18 of 30 layers loaded and ran on this card before" in plan.stdout
 
 
 def test_parallel_can_shrink_before_layers(tmp_path, db_path, model_1b):

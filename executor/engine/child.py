@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from multiprocessing.connection import Connection
+from typing import Any
 
 from executor.engine import Engine, LoadError, create_engine
 from executor.engine.faults import Faults
@@ -124,6 +125,34 @@ def dry_run_main(conn: Connection, spec: LoadSpec | None, allocate: bool = False
             conn.send(("dry_run", dry_run(spec, allocate=allocate)))
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def counter_main(conn: Connection, engine: str, model_path: str) -> None:
+    """Entry point of a short-lived process that counts prompt tokens: the parent sends lists
+    of GenerationRequest and gets a list of counts (None: cannot be built) for each; None
+    ends it. A vocabulary-only load: no weights are read."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    try:
+        if engine == "fake":
+            from executor.engine.fake import FakeCounter
+
+            counter: Any = FakeCounter()
+        else:
+            from executor.engine.prompts import TokenCounter
+
+            counter = TokenCounter(model_path)
+    except Exception as exc:
+        conn.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(Ready({}))
+    try:
+        while (requests := conn.recv()) is not None:
+            conn.send(counter.count(requests))
+    except (EOFError, BrokenPipeError):
+        pass
+    finally:
+        counter.close()
 
 
 def _redirect_output(log_path: str) -> None:

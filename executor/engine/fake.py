@@ -66,12 +66,8 @@ class FakeEngine:
 
     def _admit(self, request: GenerationRequest, sink: BatchSink) -> _Sequence | None:
         sink.started(request.item_id)
-        if request.prompt is not None:
-            text = request.prompt
-        else:
-            assert request.messages is not None
-            text = next(m["content"] for m in reversed(request.messages) if m["role"] == "user")
-        prompt_tokens = len(text.split()) + 1
+        text = prompt_text(request)
+        prompt_tokens = count_tokens(request)
         if prompt_tokens > self.spec.n_ctx:
             sink.failed(
                 request.item_id,
@@ -112,6 +108,29 @@ class FakeEngine:
             "n_gpu_layers": self.spec.n_gpu_layers,
             "gpu_offload_supported": True,
         }
+
+    def close(self) -> None:
+        pass
+
+
+def prompt_text(request: GenerationRequest) -> str:
+    """What the fake echoes: the prompt, or the last user message."""
+    if request.prompt is not None:
+        return request.prompt
+    assert request.messages is not None
+    return next(m["content"] for m in reversed(request.messages) if m["role"] == "user")
+
+
+def count_tokens(request: GenerationRequest) -> int:
+    """The fake's tokens: one per word, plus a BOS."""
+    return len(prompt_text(request).split()) + 1
+
+
+class FakeCounter:
+    """Counts prompt tokens as the fake engine does."""
+
+    def count(self, requests: list[GenerationRequest]) -> list[int | None]:
+        return [count_tokens(r) for r in requests]
 
     def close(self) -> None:
         pass

@@ -1,4 +1,5 @@
-"""Model loads (each attempt, with plan, layers, measured VRAM, outcome) and remembered configs."""
+"""Model loads (each attempt, with plan, placement, measured VRAM, outcome) and the placement
+remembered to work per configuration."""
 
 from __future__ import annotations
 
@@ -13,16 +14,21 @@ from executor.store.schema import LoadOutcome, known_configs, loads, utcnow
 
 @dataclass(frozen=True)
 class ConfigKey:
-    """What makes two loads comparable: same file, same card, same cap, same context."""
+    """What makes two loads comparable: same file, card, cap, context, sequences, ubatch."""
 
     model_sha256: str
     gpu_uuid: str  # "cpu" without a GPU
     cap_setting: str  # the cap as written ("11.5GiB", "90%"), "" for none
     n_ctx: int
     parallel: int
+    n_ubatch: int = 512
 
-    def where(self, table: sa.Table) -> sa.ColumnElement[bool]:
-        return sa.and_(*(table.c[k] == v for k, v in asdict(self).items()))
+    def where(self, table: sa.Table, *, any_ctx: bool = False) -> sa.ColumnElement[bool]:
+        """This configuration; with `any_ctx`, at any context size."""
+        fields = asdict(self)
+        if any_ctx:
+            del fields["n_ctx"]
+        return sa.and_(*(table.c[k] == v for k, v in fields.items()))
 
 
 def start_load(
@@ -33,7 +39,8 @@ def start_load(
     model_path: str,
     gpu_name: str | None,
     vram_cap: int | None,
-    n_gpu_layers: int,
+    placement: dict[str, Any],
+    tensor_overrides: list[str],
     predicted_vram: int | None,
     plan: dict[str, Any] | None,
 ) -> int:
@@ -47,7 +54,9 @@ def start_load(
                 model_path=model_path,
                 gpu_name=gpu_name,
                 vram_cap=vram_cap,
-                n_gpu_layers=n_gpu_layers,
+                n_gpu_layers=placement["n_gpu_layers"],
+                placement=placement,
+                tensor_overrides=tensor_overrides,
                 predicted_vram=predicted_vram,
                 plan=plan,
                 outcome=LoadOutcome.LOADING,
@@ -81,32 +90,44 @@ def update_load(
             conn.execute(sa.update(loads).where(loads.c.id == load_id).values(**values))
 
 
-def known_layers(db: Database, key: ConfigKey) -> int | None:
-    """The layer count that last loaded and ran on this configuration."""
+def known_placement(db: Database, key: ConfigKey) -> dict[str, Any] | None:
+    """The placement that last loaded and ran on this configuration (Placement.as_dict), at
+    the largest context not above `key`'s: what fit there is a ceiling for any longer
+    context too (more KV cache), which matters when each job sizes its own context."""
     with db.read() as conn:
-        return conn.execute(
-            sa.select(known_configs.c.n_gpu_layers).where(key.where(known_configs))
-        ).scalar()
+        row = conn.execute(
+            sa.select(known_configs.c.n_gpu_layers, known_configs.c.placement)
+            .where(key.where(known_configs, any_ctx=True), known_configs.c.n_ctx <= key.n_ctx)
+            .order_by(known_configs.c.n_ctx.desc())
+            .limit(1)
+        ).first()
+    if row is None:
+        return None
+    return row.placement or {"n_gpu_layers": row.n_gpu_layers}
 
 
-def remember_layers(db: Database, key: ConfigKey, n_gpu_layers: int) -> None:
-    """Store the layer count that works on this configuration (replacing the old one)."""
+def remember_placement(db: Database, key: ConfigKey, placement: dict[str, Any]) -> None:
+    """Store the placement that works on this configuration (replacing the old one)."""
     with db.write() as conn:
         conn.execute(sa.delete(known_configs).where(key.where(known_configs)))
         conn.execute(
             sa.insert(known_configs).values(
-                **asdict(key), n_gpu_layers=n_gpu_layers, updated_at=utcnow()
+                **asdict(key),
+                n_gpu_layers=placement["n_gpu_layers"],
+                placement=placement,
+                updated_at=utcnow(),
             )
         )
 
 
 def measured_excess(db: Database, key: ConfigKey) -> int:
-    """How far the latest measurement on this configuration exceeded its prediction (≥ 0)."""
+    """How far the latest measurement on this configuration (at any context: the excess is
+    the card's and the build's, not the cache's) exceeded its prediction (≥ 0)."""
     with db.read() as conn:
         row = conn.execute(
             sa.select(loads.c.predicted_vram, loads.c.measured_vram)
             .where(
-                key.where(loads),
+                key.where(loads, any_ctx=True),
                 loads.c.measured_vram.is_not(None),
                 loads.c.predicted_vram.is_not(None),
                 loads.c.n_gpu_layers > 0,

@@ -88,6 +88,9 @@ items = sa.Table(
     sa.Column("status", _status(ItemStatus, "item_status"), nullable=False),
     # Attempts that ended with the model process crashing on this item (poison detection).
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # Tokens its sequence needs: prompt (as the model tokenizes it) + max_tokens. Counted
+    # before the job's first load, so the context can be sized from the work.
+    sa.Column("context_need", sa.Integer, nullable=True),
     sa.Column("lease_owner", sa.String(200), nullable=True),
     sa.Column("lease_until", sa.DateTime, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
@@ -158,7 +161,11 @@ loads = sa.Table(
     sa.Column("vram_cap", sa.BigInteger, nullable=True),  # the cap that applied, in bytes
     sa.Column("n_ctx", sa.Integer, nullable=False),
     sa.Column("parallel", sa.Integer, nullable=False),
+    sa.Column("n_ubatch", sa.Integer, nullable=False, server_default="512"),
     sa.Column("n_gpu_layers", sa.Integer, nullable=False),
+    # The whole placement (plan.Placement.as_dict) and its llama.cpp -ot rules.
+    sa.Column("placement", sa.JSON, nullable=True),
+    sa.Column("tensor_overrides", sa.JSON, nullable=True),
     sa.Column("predicted_vram", sa.BigInteger, nullable=True),
     sa.Column("measured_vram", sa.BigInteger, nullable=True),
     sa.Column("plan", sa.JSON, nullable=True),
@@ -166,10 +173,18 @@ loads = sa.Table(
     sa.Column("cause", sa.Text, nullable=True),
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("ended_at", sa.DateTime, nullable=True),
-    sa.Index("ix_loads_config", "model_sha256", "gpu_uuid", "cap_setting", "n_ctx", "parallel"),
+    sa.Index(
+        "ix_loads_config",
+        "model_sha256",
+        "gpu_uuid",
+        "cap_setting",
+        "n_ctx",
+        "parallel",
+        "n_ubatch",
+    ),
 )
 
-# The layer count that last loaded and served on a configuration; the next plan starts there.
+# The placement that last loaded and served on a configuration; the next plan starts there.
 known_configs = sa.Table(
     "known_configs",
     metadata,
@@ -178,7 +193,9 @@ known_configs = sa.Table(
     sa.Column("cap_setting", sa.String(32), primary_key=True),
     sa.Column("n_ctx", sa.Integer, primary_key=True),
     sa.Column("parallel", sa.Integer, primary_key=True),
+    sa.Column("n_ubatch", sa.Integer, primary_key=True),
     sa.Column("n_gpu_layers", sa.Integer, nullable=False),
+    sa.Column("placement", sa.JSON, nullable=True),
     sa.Column("updated_at", sa.DateTime, nullable=False),
 )
 
