@@ -16,6 +16,7 @@ from typing import Any
 import gguf
 
 from executor.errors import ModelError
+from executor.gguf_header import LongArray, read_header
 
 ATTENTION = "attention"
 FFN = "ffn"
@@ -170,39 +171,36 @@ class ModelInfo:
 def read_model_info(path: str | Path) -> ModelInfo:
     """Read a GGUF file's metadata and tensor table; ModelError if it is not a usable GGUF."""
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise ModelError(f"{path}: cannot read GGUF metadata: {exc}") from None
-    meta = _Meta(reader)
+    header = read_header(path)
+    meta = _Meta(header.fields, path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelError(f"{path}: no general.architecture in the GGUF metadata")
-    n_layer = int(meta.require(f"{arch}.block_count", path))
-    n_embd = int(meta.require(f"{arch}.embedding_length", path))
+    n_layer = int(meta.require(f"{arch}.block_count"))
+    n_embd = int(meta.require(f"{arch}.embedding_length"))
     n_head = _per_layer(meta.get(f"{arch}.attention.head_count", 0), n_layer)
     n_head_kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv", list(n_head)), n_layer)
     head_dim = n_embd // max(n_head) if max(n_head) else 0
     key_length = int(meta.get(f"{arch}.attention.key_length", head_dim))
     value_length = int(meta.get(f"{arch}.attention.value_length", head_dim))
-    n_swa = 0 if arch in NO_SWA_ARCHS else int(meta.get(f"{arch}.attention.sliding_window", 0) or 0)
+    window = meta.get(f"{arch}.attention.sliding_window", 0) or 0
+    n_swa = 0 if arch in NO_SWA_ARCHS else int(window)
 
     tensors = []
     vocab_from_embd = 0
-    for tensor in reader.tensors:
+    for tensor in header.tensors:
         block, kind = classify(tensor.name)
         if block is not None and block >= n_layer:
             block, kind = None, OUTPUT  # e.g. next-token-prediction layers past the last block
-        tensors.append(TensorInfo(tensor.name, block, kind, int(tensor.n_bytes)))
-        if tensor.name == "token_embd.weight":
-            vocab_from_embd = int(tensor.shape[-1])
+        tensors.append(TensorInfo(tensor.name, block, kind, tensor.n_bytes))
+        if tensor.name == "token_embd.weight" and len(tensor.shape) >= 2:
+            vocab_from_embd = int(tensor.shape[1])
     names = {t.name for t in tensors}
 
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = header.fields.get("tokenizer.ggml.tokens")
     n_vocab = int(
-        meta.get(f"{arch}.vocab_size", 0) or (len(tokens.data) if tokens else 0) or vocab_from_embd
+        meta.get(f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0) or vocab_from_embd
     )
-    n_ff_exp = int(max(_per_layer(meta.get(f"{arch}.expert_feed_forward_length", 0), n_layer)))
     return ModelInfo(
         path=str(path),
         architecture=arch,
@@ -221,36 +219,41 @@ def read_model_info(path: str | Path) -> ModelInfo:
         ),
         tensors=tuple(tensors),
         output_tied="output.weight" not in names,
-        file_size=path.stat().st_size,
+        file_size=header.file_size,
         n_expert=int(meta.get(f"{arch}.expert_count", 0) or 0),
         n_expert_used=int(max(_per_layer(meta.get(f"{arch}.expert_used_count", 0), n_layer))),
-        n_ff_exp=n_ff_exp,
+        n_ff_exp=int(max(_per_layer(meta.get(f"{arch}.expert_feed_forward_length", 0), n_layer))),
         recurrent=arch in RECURRENT_ARCHS or any(_RECURRENT_TENSOR.search(n) for n in names),
         quantization=_file_type(meta.get("general.file_type")),
     )
 
 
 class _Meta:
-    """Typed access to GGUF key/values."""
+    """Typed access to GGUF key/values, with errors that name the file and the key."""
 
-    def __init__(self, reader: gguf.GGUFReader) -> None:
-        self.fields = reader.fields
+    def __init__(self, fields: dict[str, Any], path: Path) -> None:
+        self.fields = fields
+        self.path = path
 
     def get(self, key: str, default: Any = None) -> Any:
-        field_ = self.fields.get(key)
-        if field_ is None:
-            return default
-        return field_.contents()
+        value = self.fields.get(key, default)
+        if isinstance(value, LongArray):
+            raise ModelError(f"{self.path}: {key} is an array of {value.count}, unexpected")
+        return value
 
-    def require(self, key: str, path: Path) -> Any:
+    def require(self, key: str) -> Any:
         value = self.get(key)
         if value is None:
-            raise ModelError(f"{path}: the GGUF metadata lacks {key}")
+            raise ModelError(f"{self.path}: the GGUF metadata lacks {key}")
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ModelError(f"{self.path}: {key} is {value!r}, not a positive number")
         return value
 
 
 def _per_layer(value: Any, n_layer: int) -> list[int]:
     """A scalar hyperparameter for every layer, or the per-layer list as given."""
+    if isinstance(value, LongArray):
+        raise ModelError(f"a per-layer list of {value.count} entries for {n_layer} layers")
     if isinstance(value, list):
         values = [int(v) for v in value]
         return (values + values[-1:] * n_layer)[:n_layer] if values else [0] * n_layer

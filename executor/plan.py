@@ -236,7 +236,10 @@ def compute_bytes(
     mask = n_kv * tokens * (2 if req.flash_attn else 4)
     phases = [hidden]  # the input embedding rows, on whichever device gets them
     if output:
-        phases.append(model.n_vocab * tokens * 4 + 2 * hidden)
+        # With MoE layers the logits land after the last block's expert activations, which
+        # the allocator has not reclaimed into one piece (measured on gpt-oss and qwen3moe).
+        moe_tail = model.n_expert_used * model.n_ff_exp * tokens * 4 if model.moe else 0
+        phases.append(model.n_vocab * tokens * 4 + 2 * hidden + moe_tail)
     if layers:
         kq = 0 if req.flash_attn else max(model.n_head) * n_kv * tokens * 4
         phases.append(kq + 5 * hidden + 2 * kv_hidden + mask)

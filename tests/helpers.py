@@ -165,3 +165,33 @@ def write_jsonl(path: Path, rows: list[object]) -> Path:
 def read_jsonl(path: Path | str) -> list[dict]:
     text = Path(path).read_text(encoding="utf-8") if isinstance(path, Path) else path
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def tiny_info(**fields: object):
+    """A hand-made ModelInfo (6 gemma3-like blocks of one 1-byte tensor), for unit tests of
+    the plan's arithmetic; `fields` override any of its values."""
+    from executor.gguf_info import ModelInfo, TensorInfo
+
+    n_layer = int(fields.get("n_layer", 6))  # type: ignore[arg-type]
+    base: dict[str, object] = dict(
+        path="x",
+        architecture="gemma3",
+        n_layer=n_layer,
+        n_embd=1024,
+        n_ff=4096,
+        n_vocab=1000,
+        n_ctx_train=32768,
+        n_head=(8,) * n_layer,
+        n_head_kv=(4,) * n_layer,
+        key_length=128,
+        value_length=128,
+        n_swa=0,
+        swa_layers=(False,) * n_layer,
+        tensors=tuple(
+            TensorInfo(f"blk.{i}.attn_q.weight", i, "attention", 1) for i in range(n_layer)
+        ),
+        output_tied=False,
+        file_size=1,
+    )
+    base.update(fields)
+    return ModelInfo(**base)  # type: ignore[arg-type]

@@ -373,8 +373,12 @@ def moe_spec(s: MoeShape) -> Spec:
     if s.n_swa:
         kv["attention.sliding_window"] = s.n_swa
     tokenizer = "default" if not s.n_vocab else "spm"
-    return Spec(s.arch, f"synthetic-{s.arch}-{s.n_layer}L", kv, moe_tensor_table(s, n_vocab),
-                None, tokenizer, n_vocab)  # fmt: skip
+    file_type = {
+        Q.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE,
+        Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    }.get(s.experts)
+    name = f"synthetic-{s.arch}-{s.n_layer}L"
+    return Spec(s.arch, name, kv, moe_tensor_table(s, n_vocab), file_type, tokenizer, n_vocab)
 
 
 def write_moe_gguf(path: Path, shape: MoeShape | str, *, random: bool | None = None) -> Path:
