@@ -47,6 +47,7 @@ from executor.plan import (
     Plan,
     PlanRequest,
     choose_parallel,
+    describe,
     make_plan,
     rank,
     shrink,
@@ -174,14 +175,11 @@ def plan_for(
         correction=load_store.measured_excess(db, key) if remembered else 0,
         known=_lowest(info, request_by_tensor(settings), known, ceiling),
     )
+    plan = make_plan(info, device, request)
+    if job is not None and settings.ctx == "auto" and device is not None and n_ctx < DEFAULT_CTX:
+        context_note += _what_the_context_bought(info, device, request, plan)
     report = PlanReport(
-        info,
-        make_plan(info, device, request),
-        key,
-        probe,
-        known,
-        context_note=context_note,
-        ubatch_note=ubatch_note,
+        info, plan, key, probe, known, context_note=context_note, ubatch_note=ubatch_note
     )
     if gpu_total:
         return replace(
@@ -234,6 +232,16 @@ def _context(settings: Settings, db: Database, info: ModelInfo, job: Job | None)
         f"ctx {ctx}{capped}: sized from job {job.id}'s work (its longest prompt + max_tokens "
         f"needs {need} tokens)"
     )
+
+
+def _what_the_context_bought(
+    info: ModelInfo, device: Device, request: PlanRequest, plan: Plan
+) -> str:
+    """`; at ctx 4096: 3 of 5 layers instead` when the smaller context bought something."""
+    default = make_plan(info, device, replace(request, n_ctx=DEFAULT_CTX, known=None))
+    if default.placement == plan.placement:
+        return ""
+    return f"; at ctx {DEFAULT_CTX}: {describe(info, default.placement)} instead"
 
 
 def _ubatch(

@@ -243,10 +243,13 @@ def compute_bytes(
     if layers:
         kq = 0 if req.flash_attn else max(model.n_head) * n_kv * tokens * 4
         phases.append(kq + 5 * hidden + 2 * kv_hidden + mask)
-        phases.append(3 * model.n_ff * tokens * 4 + 4 * hidden + mask)
+        # Without flash attention V is stored transposed; its copy outlives the attention.
+        v_copy = 0 if req.flash_attn else kv_hidden
+        phases.append(3 * model.n_ff * tokens * 4 + 4 * hidden + mask + v_copy)
         if model.moe:
             experts = 3 * model.n_expert_used * model.n_ff_exp * tokens * 4
-            phases.append(experts + 2 * model.n_expert * tokens * 4 + 4 * hidden + mask)
+            router = 2 * model.n_expert * tokens * 4
+            phases.append(experts + router + 4 * hidden + mask + v_copy)
     return max(phases) + staging
 
 

@@ -46,11 +46,18 @@ class Prompter:
         return list(buffer[:n])
 
 
+@llama_cpp.llama_log_callback
+def _quiet(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    pass
+
+
 class TokenCounter:
     """Counts prompt tokens with a vocabulary-only load of a model (no weights are read)."""
 
     def __init__(self, model_path: str) -> None:
         llama_cpp.llama_backend_init()
+        # Nothing to log: errors come back as the exception below.
+        llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
         mparams = llama_cpp.llama_model_default_params()
         mparams.vocab_only = True
         self.model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
