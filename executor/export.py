@@ -125,6 +125,8 @@ def provenance(row: Any) -> dict[str, Any]:
             "n_gpu_layers": row["n_gpu_layers"],
             "parallel": row["parallel"],
             "n_ctx": row["n_ctx"],
+            "n_ubatch": row["n_ubatch"],
+            "tensor_overrides": row["tensor_overrides"] or [],
             "gpu": row["gpu_name"],
             "vram_cap": row["vram_cap"],
             "predicted_vram": row["predicted_vram"],

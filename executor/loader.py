@@ -535,9 +535,9 @@ class ModelLoader:
         )
         spec = load_spec(settings, plan, str(path), device.uuid if device else None)
         self.processes += 1
-        proc = ModelProcess(
-            spec, self.log_path, replace(self.faults, process_number=self.processes)
-        )
+        weights = plan.gpu.layer_weights + plan.gpu.output_layer
+        faults = replace(self.faults, process_number=self.processes, gpu_weights=weights)
+        proc = ModelProcess(spec, self.log_path, faults)
         log.info(
             "loading %s with %d of %d layers on the GPU%s (predicted %s; cap %s; ctx %d × %d; "
             "log %s)",

@@ -89,6 +89,11 @@ MOE_SHAPES = {
         n_expert=128, n_expert_used=8, n_ff_exp=768, n_vocab=151936, n_ctx_train=40960,
         dense=Q.Q4_K, experts=Q.Q4_K, down=Q.Q6_K, embd=Q.Q4_K, output=Q.Q6_K,
     ),
+    # A small gpt-oss-like header (about 720 MB, quick to hash) for the worker's tests.
+    "small-moe": MoeShape(
+        "gpt-oss", n_layer=12, n_embd=1024, n_head=16, n_head_kv=4, head_dim=64, n_expert=32,
+        n_expert_used=4, n_ff_exp=1024, n_vocab=32000, n_ctx_train=8192, n_swa=128,
+    ),
     # Tiny models with random weights that run on the CPU in a moment.
     "tiny-qwen3moe": MoeShape(
         "qwen3moe", n_layer=4, n_embd=64, n_head=4, n_head_kv=2, head_dim=16, n_expert=8,

@@ -283,3 +283,18 @@ def test_plan_command_json_and_llama_args(moe, db_path):
         "--allow-swap", "--llama-args", db_path=db_path, check=True,
     )  # fmt: skip
     assert shlex.split(short.stdout)[:2] == ["-ngl", "10"] and "-ot" not in short.stdout
+
+
+def test_more_weights_on_the_card_than_llama_cpp_fit(moe):
+    """benchmarks/placement.py's comparison, as a check: on a 12 GiB card executor puts at
+    least as many weight bytes on the GPU as llama.cpp's fit would, for both shapes, and
+    uses at least 90 % of its cap."""
+    from benchmarks.placement import fit_cpp, footprint
+
+    for shape in ("gpt-oss-120b", "llama3-70b"):
+        info = read_model_info(moe[shape])
+        plan = make_plan(info, CARD_12G, AT_8K)
+        ours = footprint(info, AT_8K, plan.n_gpu_layers, plan.rules)
+        theirs = fit_cpp(info, AT_8K, 12 * GiB)
+        assert sum(ours["weights"].values()) >= sum(theirs["weights"].values()), shape
+        assert plan.gpu.total >= 0.9 * plan.cap, shape

@@ -397,3 +397,37 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_oom_with_a_moe_model_gives_up_experts_before_attention(tmp_path, db_path):
+    """A gpt-oss-like model (12 blocks of 32 MXFP4 experts, 690 MB) on a card where all of it
+    fits, but an OOM hits whenever more than 300 MB of weights go to the GPU: each reload sends
+    more blocks' experts to RAM and keeps every layer (attention) on the GPU; the export's
+    provenance carries the -ot rules the items ran under."""
+    from tests.synthetic_gguf import write_moe_gguf
+
+    model = write_moe_gguf(tmp_path / "moe.gguf", "small-moe")
+    job = submit(tmp_path, db_path, model, 3)
+    card = json.dumps([{"name": "Fake 4G", "uuid": "GPU-4", "total": 4 * GiB}])
+    env = fake_env(
+        EXECUTOR_FAKE_NVML=card,
+        EXECUTOR_FAULT_OOM_LOAD_WEIGHTS_ABOVE=str(300 * 10**6),
+        EXECUTOR_PARALLEL="1",
+        EXECUTOR_CTX="8192",
+    )
+    run = run_cli("run", "--until-empty", db_path=db_path, env=env)
+    assert run.returncode == 0, run.stderr
+    rows = query(db_path, "SELECT n_gpu_layers, placement, outcome FROM loads ORDER BY id")
+    assert [outcome for *_, outcome in rows][-1] == "loaded"
+    assert {layers for layers, _, _ in rows} == {13}  # attention never left the GPU
+    in_ram = [json.loads(p)["cpu_experts"] for _, p, _ in rows]
+    assert in_ram == sorted(in_ram) and in_ram[0] < in_ram[-1]
+    assert "experts of" in run.stderr and "blocks in RAM: next try with" in run.stderr
+    (line,) = exported(db_path, job, "--with-provenance")[:1]
+    rules = line["provenance"]["load"]["tensor_overrides"]
+    assert rules and all(r.endswith("=CPU") for r in rules)
+    # The next run starts from the placement that worked (no OOM on the way).
+    submit(tmp_path, db_path, model, 2, words=2)
+    run_cli("run", "--until-empty", db_path=db_path, env=env, check=True)
+    last = query(db_path, "SELECT placement, outcome FROM loads ORDER BY id DESC LIMIT 1")
+    assert last == [(rows[-1][1], "loaded")]

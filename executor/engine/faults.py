@@ -6,6 +6,8 @@ Both engines honour them:
 
   EXECUTOR_FAULT_OOM_LOAD_ABOVE=N      loading with more than N GPU layers fails with CUDA's
                                        out-of-memory messages
+  EXECUTOR_FAULT_OOM_LOAD_WEIGHTS_ABOVE=BYTES  the same when the plan puts more weight bytes
+                                       on the GPU (so tensor placements shrink too)
   EXECUTOR_FAULT_OOM_DECODE_ABOVE=N    with more than N GPU layers, decoding aborts the process
                                        after a few tokens, as a CUDA OOM during decode does
   EXECUTOR_FAULT_ABORT_AFTER_TOKENS=K  the first model process aborts after K tokens
@@ -28,7 +30,9 @@ class Faults:
     oom_decode_above: int | None = None
     abort_after_tokens: int | None = None
     abort_on: str | None = None
+    oom_load_weights_above: int | None = None
     process_number: int = 1
+    gpu_weights: int = 0  # what the parent planned on the GPU for this process
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Faults:
@@ -43,16 +47,21 @@ class Faults:
             oom_decode_above=number("OOM_DECODE_ABOVE"),
             abort_after_tokens=number("ABORT_AFTER_TOKENS"),
             abort_on=env.get("EXECUTOR_FAULT_ABORT_ON") or None,
+            oom_load_weights_above=number("OOM_LOAD_WEIGHTS_ABOVE"),
         )
 
     def check_load(self, n_gpu_layers: int) -> None:
         """Fail a load the way llama.cpp does when CUDA runs out of memory."""
-        if self.oom_load_above is not None and _layers(n_gpu_layers) > self.oom_load_above:
+        too_many = self.oom_load_above is not None and _layers(n_gpu_layers) > self.oom_load_above
+        limit = self.oom_load_weights_above
+        too_heavy = limit is not None and self.gpu_weights > limit
+        if too_many or too_heavy:
             print(
                 "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 812.00 MiB on device 0: "
                 "cudaMalloc failed: out of memory\n"
                 "alloc_tensor_range: failed to allocate CUDA0 buffer of size 851443712\n"
-                f"(fault injected: EXECUTOR_FAULT_OOM_LOAD_ABOVE={self.oom_load_above})",
+                "(fault injected: EXECUTOR_FAULT_OOM_LOAD_"
+                + (f"ABOVE={self.oom_load_above})" if too_many else f"WEIGHTS_ABOVE={limit})"),
                 file=sys.stderr,
                 flush=True,
             )

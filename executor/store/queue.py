@@ -624,6 +624,8 @@ def export_rows(db: Database, job_id: int, statuses: Iterable[ItemStatus]) -> It
             loads.c.parallel,
             loads.c.n_ctx,
             loads.c.vram_cap,
+            loads.c.n_ubatch,
+            loads.c.tensor_overrides,
             loads.c.gpu_name,
             loads.c.predicted_vram,
             loads.c.measured_vram,
