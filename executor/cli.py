@@ -5,6 +5,7 @@ their documented exit code; nothing here runs SQL or decides anything.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -38,8 +39,9 @@ from executor.cli_options import (
     VramCapOpt,
 )
 from executor.config import Settings, load_settings
-from executor.errors import ExecutorError, ExitCode, InputError, UsageError
+from executor.errors import DiskError, ExecutorError, ExitCode, InputError, UsageError
 from executor.logs import setup_logging
+from executor.redact import redact
 from executor.store import Database, open_database
 
 app = typer.Typer(
@@ -78,7 +80,16 @@ def command(typer_app: typer.Typer = app, name: str | None = None) -> Callable[[
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
-                return func(*args, **kwargs)
+                try:
+                    return func(*args, **kwargs)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    raise DiskError(
+                        f"no space left on the device{where}",
+                        hint="free some space and run it again; nothing was lost",
+                    ) from None
             except ExecutorError as exc:
                 if os.environ.get("EXECUTOR_DEBUG") == "1":
                     raise
@@ -95,17 +106,29 @@ def _report(exc: ExecutorError) -> None:
     if isinstance(exc, InputError):
         for problem in exc.problems:
             _say(problem)
-    _say(f"executor: error: {exc}")
+    _say(redact(f"executor: error: {exc}"))
     if exc.hint:
-        _say(f"  hint: {exc.hint}")
+        _say(redact(f"  hint: {exc.hint}"))
 
 
 def _settings(config: str | None, **flags: Any) -> Settings:
     return load_settings(flags, config=config)
 
 
-def _open(settings: Settings) -> Database:
-    return open_database(settings.db_url)
+def _open(settings: Settings, *, create: bool = False) -> Database:
+    """The database; only the commands that put work in it (submit, run, run-job, db
+    upgrade) create it: a mistyped path elsewhere is an error, not a new empty database."""
+    return open_database(settings.db_url, create=create)
+
+
+def _open_existing(settings: Settings) -> Database | None:
+    """The database if there is one (plan reads what past loads taught; it needs none)."""
+    from executor.errors import NoDatabaseError
+
+    try:
+        return _open(settings)
+    except NoDatabaseError:
+        return None
 
 
 def _print_json(data: Any) -> None:
@@ -217,7 +240,7 @@ def submit(
         settings = _settings(config, **flags)
         result = submit_file(
             settings,
-            _open(settings),
+            _open(settings, create=True),
             file,
             name=name,
             force=force,
@@ -331,7 +354,7 @@ def run(
         allow_swap=allow_swap,
     )
     events = _events(settings)
-    database = _open(settings)
+    database = _open(settings, create=True)
     if job is not None:
         queue.require_job(database, job)
     options = RunOptions(
@@ -440,7 +463,7 @@ def plan(
     settings, path, queued = _plan_target(config, flags, model, job)
     planned = plan_for(
         settings,
-        _open(settings),
+        _open_existing(settings),
         path,
         job=queued,
         gpu_total=gpu_total,
@@ -489,7 +512,10 @@ def status(
     from executor.status import job_rows
 
     settings = _settings(config, db=db)
-    rows = job_rows(_open(settings), job, limit)
+    database = _open_existing(settings) if job is None else _open(settings)
+    if database is None:  # a fresh machine, or a mistyped path: say which, create nothing
+        _say(f"no database at {redact(settings.db_url)} yet (`executor submit` creates it)")
+    rows = job_rows(database, job, limit) if database else []
     if as_json:
         _print_json(rows if job is None else rows[0])
     else:
@@ -563,7 +589,7 @@ def retry(job: JobArg, db: DbOpt = None, config: ConfigOpt = None) -> None:
 @command(db_app, "upgrade")
 def db_upgrade(db: DbOpt = None, config: ConfigOpt = None) -> None:
     """Apply schema migrations (also done automatically whenever a command opens the DB)."""
-    database = _open(_settings(config, db=db))
+    database = _open(_settings(config, db=db), create=True)
     _say(f"{database.display_url} is at revision {database.revision()}")
 
 
@@ -592,7 +618,7 @@ def model(
     from executor.models import DEFAULT_MODEL, describe_model
 
     settings = _settings(config, model=path)
-    info = describe_model(settings.model, settings.sources["model"])
+    info = describe_model(settings.model, settings.models, settings.sources["model"])
     if as_json:
         _print_json(info)
         return
@@ -626,7 +652,7 @@ def run_job(
 
     job_spec, settings = spec_and_settings(spec, {"db": db, "log_format": log_format}, config)
     events = _events(settings)
-    done = run_spec(job_spec, settings, _open(settings), events)
+    done = run_spec(job_spec, settings, _open(settings, create=True), events)
     job = done.job
     if done.exported is not None:
         errors = str(job_spec.errors) if job_spec.errors else None
@@ -657,7 +683,7 @@ def config_show(
     from executor.config import OPTIONS
 
     settings = _settings(config, db=db)
-    values = settings.as_dict()
+    values = settings.shown()
     if as_json:
         _print_json(
             {
@@ -706,7 +732,10 @@ def workers(
     from executor.store import workers as registry
 
     settings = _settings(config, db=db)
-    rows = registry.listing(_open(settings), alive_within=settings.lease_seconds)
+    database = _open_existing(settings)
+    if database is None:
+        _say(f"no database at {redact(settings.db_url)} yet (`executor submit` creates it)")
+    rows = registry.listing(database, alive_within=settings.lease_seconds) if database else []
     if as_json:
         _print_json(rows)
     else:
@@ -731,6 +760,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("EXECUTOR_DEBUG") == "1":
             raise
-        _say(f"executor: internal error: {type(exc).__name__}: {exc}")
+        _say(redact(f"executor: internal error: {type(exc).__name__}: {exc}"))
         _say("  hint: rerun with EXECUTOR_DEBUG=1 for the traceback, and report it")
         sys.exit(ExitCode.INTERNAL)

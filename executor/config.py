@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from executor.errors import ConfigError
+from executor.files import load_yaml, read_text
 from executor.records import INTEGER_PARAMS, JOB_PARAMS, PARAM_BOUNDS
+from executor.redact import redact
 from executor.units import parse_cap
 
 
@@ -215,9 +215,15 @@ OPTIONS: dict[str, Option] = {
     "lease_seconds": Option(_int(10), 120, "how long a claim lasts without a heartbeat"),
     "poll_seconds": Option(_float(0.05), 5.0, "wait between looks at an empty queue"),
     "max_attempts": Option(_int(1), 3, "crashes of the model process an item may cause"),
+    "stall_seconds": Option(
+        _float(1.0), 600.0, "a model process silent this long with items in flight is killed"
+    ),
     "progress_seconds": Option(_float(0.1), 10.0, "interval of progress log lines (no terminal)"),
     "log_format": Option(_choice("plain", "json"), "plain", "log lines: plain or json"),
     "max_tokens": Option(_param("max_tokens"), 256, "default completion length per prompt"),
+    "max_line_bytes": Option(
+        _int(1024), 4 * 2**20, "longest input line read (bytes); longer ones are line errors"
+    ),
     "temperature": Option(_param("temperature"), 0.0, "default sampling temperature (0 = greedy)"),
     "top_p": Option(_param("top_p"), 1.0, "default nucleus sampling threshold"),
     "seed": Option(_param("seed"), 0, "default sampling seed (same seed, same text)"),
@@ -252,9 +258,11 @@ class Settings:
     lease_seconds: int
     poll_seconds: float
     max_attempts: int
+    stall_seconds: float
     progress_seconds: float
     log_format: str
     max_tokens: int
+    max_line_bytes: int
     temperature: float
     top_p: float
     seed: int
@@ -276,6 +284,12 @@ class Settings:
         """Every setting by name (without the provenance)."""
         return {k: getattr(self, k) for k in OPTIONS}
 
+    def shown(self) -> dict[str, Any]:
+        """as_dict with secrets masked (a database URL's password), for printing."""
+        values = self.as_dict()
+        values["db"] = redact(values["db"])
+        return values
+
 
 def _config_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path | None, bool]:
     """The config file to read and whether it must exist (it must if it was named)."""
@@ -288,12 +302,7 @@ def _config_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path | N
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    data = load_yaml(read_text(path, "config file"), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -317,7 +326,7 @@ def load_settings(
 
     path, required = _config_path(config, env)
     used_file = None
-    if path is not None and path.exists():
+    if path is not None and (path.exists() or path.is_symlink()):
         used_file = path
         for key, raw in _read_file(path).items():
             if key not in OPTIONS:

@@ -9,9 +9,10 @@ from typing import Any
 
 from executor import gpu, system
 from executor.config import Settings
-from executor.errors import ExecutorError
+from executor.errors import ExecutorError, NoDatabaseError
 from executor.models import DEFAULT_MODEL, check_default_hash, resolve_model, sha256_file
-from executor.store.db import Database, head_revision, open_database
+from executor.redact import redact
+from executor.store.db import head_revision, open_database
 from executor.supervisor import engine_capabilities
 from executor.units import format_bytes
 
@@ -92,13 +93,15 @@ def _memory() -> Check:
 
 
 def _database(settings: Settings) -> Check:
-    shown = Database(settings.db_url).url.render_as_string(hide_password=True)
+    shown = redact(settings.db_url)
     try:
-        db = open_database(settings.db_url)
+        db = open_database(settings.db_url, create=False)
         revision = db.revision()
         db.dispose()
+    except NoDatabaseError:
+        return Check("database", "OK", f"none yet at {shown} (`executor submit` creates it)")
     except ExecutorError as exc:
-        return Check("database", "FAIL", f"{shown}: {exc}", "check --db / EXECUTOR_DB")
+        return Check("database", "FAIL", str(exc), exc.hint or "check --db / EXECUTOR_DB")
     head = head_revision()
     if revision != head:
         return Check(

@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     DATABASE = 7  # database unreachable or at an unknown schema revision
     WOULD_SWAP = 8  # `plan`: the CPU part does not fit in RAM (pass --allow-swap)
     CHECK_FAILED = 9  # `doctor`: a check failed
+    DISK = 10  # a disk is full or a folder is not writable (nothing was lost)
 
 
 class ExecutorError(Exception):
@@ -41,8 +42,15 @@ class ConfigError(UsageError):
 class InputError(UsageError):
     """An input file has invalid lines; `problems` holds one message per bad line."""
 
-    def __init__(self, message: str, problems: list[str] | None = None, total: int = 0) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        problems: list[str] | None = None,
+        total: int = 0,
+        *,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
         self.problems = problems or []
         self.total = total or len(self.problems)
 
@@ -67,6 +75,21 @@ class JobFailedError(ExecutorError):
 
 class DatabaseError(ExecutorError):
     exit_code = ExitCode.DATABASE
+
+
+class NoDatabaseError(DatabaseError):
+    """A SQLite database that does not exist (and the command does not create one)."""
+
+
+class DiskError(ExecutorError):
+    """A file executor must write cannot be written: a full disk, a read-only folder."""
+
+    exit_code = ExitCode.DISK
+
+
+class UnstorableResult(ExecutorError):
+    """A model's answer holds what the database cannot store (a NUL, a lone surrogate): that
+    item fails with the reason; the run goes on."""
 
 
 class WouldSwapError(ExecutorError):

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from executor import openai_batch
 from executor.errors import UsageError
+from executor.files import output_target, same_file
 from executor.store import Database, queue
 from executor.store.schema import ItemStatus
 
@@ -55,14 +50,16 @@ def export_job(
             "--errors goes with --format openai (our own format keeps failed "
             "items in the output with --include-failed)"
         )
+    if errors and same_file(output, errors):
+        raise UsageError(f"-o and --errors name the same file ({errors}); give two files")
     with_failed = include_failed or fmt == "openai"
     statuses = [ItemStatus.DONE, *(NOT_DONE if with_failed else ())]
     render = _Renderer(job_id, fmt, with_provenance)
-    with _target(output) as out, _target(errors) as err:
+    with output_target(output) as out, output_target(errors, "--errors") as err:
         count = failed = 0
         for row in queue.export_rows(db, job_id, statuses):
             line, is_error = render(row._mapping)
-            (err if is_error and errors else out).write(json.dumps(line, ensure_ascii=False) + "\n")
+            (err if is_error and errors else out).write(_json_line(line))
             count += not is_error or not errors
             failed += is_error
     return Exported(job_id, count, job.item_count, job.status.value, failed)
@@ -92,25 +89,15 @@ class _Renderer:
         return line, is_error
 
 
-@contextmanager
-def _target(output: str | None) -> Iterator[TextIO]:
-    """stdout, or a file written atomically: a temporary next to it, renamed at the end."""
-    if output in (None, "-"):
-        yield sys.stdout
-        sys.stdout.flush()
-        return
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _json_line(line: dict[str, Any]) -> str:
+    """One JSON line, UTF-8 as written; a value that is not valid Unicode (a lone surrogate
+    from an older database) is escaped rather than making the whole export fail."""
+    text = json.dumps(line, ensure_ascii=False)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(line)
+    return text + "\n"
 
 
 def provenance(row: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@ batch lines): messages, generation parameters, schemas. Each problem is a LineEr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -130,3 +131,68 @@ def kind_of(value: Any) -> str:
         list: "a list",
         dict: "an object",
     }.get(type(value), type(value).__name__)
+
+
+def check_strings(value: Any, where: str = "") -> None:
+    """Every string in a parsed line must be storable and exportable: no NUL character
+    (PostgreSQL text cannot hold it) and no lone UTF-16 surrogate (not Unicode: cut JavaScript
+    strings produce them; they cannot be written as UTF-8)."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, path)
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                _check_text(key, path)
+                stack.append((sub, f"{path}.{key}" if path else key))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{path}[{i}]") for i, sub in enumerate(item))
+
+
+def _check_text(text: str, path: str) -> None:
+    where = f" in {path}" if path else ""
+    if "\x00" in text:
+        raise LineError(f"a NUL character (\\u0000){where}: databases cannot store it")
+    if _SURROGATE.search(text):
+        bad = _SURROGATE.search(text)[0]  # type: ignore[index]
+        raise LineError(
+            f"a lone UTF-16 surrogate (\\u{ord(bad):04x}){where} is not valid Unicode "
+            "(a string cut in the middle of an emoji?)"
+        )
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+SCHEMA_LENGTHS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties",
+                  "maxProperties", "minContains", "maxContains")  # fmt: skip
+CHARS_PER_TOKEN = 64  # more than any tokenizer's longest piece: a generous ceiling
+
+
+def bound_schema(schema: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """A JSON schema whose grammar can be built in bounded time for `max_tokens`: a minimum
+    length or count no output of max_tokens tokens can reach is an error (llama.cpp's
+    converter would spend minutes and gigabytes spelling it out); a maximum beyond it is
+    dropped (it cannot bind)."""
+    limit = max_tokens * CHARS_PER_TOKEN
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, list):
+            return [walk(sub, f"{path}[{i}]") for i, sub in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key in SCHEMA_LENGTHS and not isinstance(value, bool) and isinstance(value, int):
+                if value < 0:
+                    raise LineError(f"json_schema{path}.{key} is negative ({value})")
+                if key.startswith("min") and value > limit:
+                    raise LineError(
+                        f"json_schema{path}.{key} = {value} cannot be met in {max_tokens} "
+                        "tokens (raise max_tokens or lower it)"
+                    )
+                if key.startswith("max") and value > limit:
+                    continue
+            out[key] = walk(value, f"{path}.{key}")
+        return out
+
+    return walk(schema, "")

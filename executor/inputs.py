@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -12,17 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from executor.errors import InputError
+from executor.errors import InputError, UsageError
 from executor.fields import (
     PARAM_KEYS,
     LineError,
     ModelResolver,
+    bound_schema,
     check_custom_id,
+    check_strings,
     json_schema,
     kind_of,
     parse_messages,
     parse_params,
 )
+from executor.files import JSONError, parse_json, regular_file
 from executor.openai_batch import parse_openai_line
 
 LINE_KEYS = ("prompt", "messages", "custom_id", "metadata", "json_schema", *PARAM_KEYS)
@@ -52,19 +55,46 @@ class Scan:
     models: dict[str, int] = field(default_factory=dict)  # model named by lines → first line
 
 
-class PromptFile:
-    """A prompt file (or stdin, spooled to disk so it can be read twice) to scan repeatedly."""
+DEFAULT_MAX_LINE_BYTES = 4 * 2**20  # a 1M-token prompt is about 4 MB of text
 
-    def __init__(self, source: str, model_for: ModelResolver | None = None) -> None:
+
+class PromptFile:
+    """A prompt file to scan twice (validate, then insert): a regular file is read in place;
+    stdin, a pipe or a FIFO (`<(generate)`) is spooled to a temporary file first."""
+
+    def __init__(
+        self,
+        source: str,
+        model_for: ModelResolver | None = None,
+        *,
+        max_tokens: int = 256,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
         self.source = source
         self.model_for = model_for
+        self.max_tokens = max_tokens  # the job's default, for bounding JSON schemas
+        self.max_line_bytes = max_line_bytes
         self.display = "<stdin>" if source == "-" else source
         self._spool: IO[bytes] | None = None
         if source == "-":
-            self._spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
-            shutil.copyfileobj(sys.stdin.buffer, self._spool)
-        elif not Path(source).is_file():
-            raise InputError(f"{source}: no such file")
+            self._spool = _spool(sys.stdin.buffer, "<stdin>")
+            return
+        path = Path(source)
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            mode = None
+        if mode is not None and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            try:
+                with open(path, "rb") as stream:
+                    self._spool = _spool(stream, source)
+            except OSError as exc:
+                raise InputError(f"{source}: cannot be read ({exc.strerror or exc})") from None
+            return
+        try:
+            regular_file(path, "input file")
+        except UsageError as exc:
+            raise InputError(str(exc)) from None
 
     @property
     def path_for_record(self) -> str:
@@ -78,15 +108,30 @@ class PromptFile:
         return open(self.source, "rb")
 
     def entries(self, digest: hashlib._Hash | None = None) -> Iterator[Entry]:
-        """Every non-blank line, validated; `digest` is fed the raw bytes as they are read."""
+        """Every non-blank line, validated; `digest` is fed the raw bytes as they are read.
+        A line longer than max_line_bytes is an error of its own, never held in memory."""
         seen: dict[str, int] = {}
-        with self._open() as stream:
-            for number, raw in enumerate(stream, start=1):
-                if digest is not None:
-                    digest.update(raw)
-                if not raw.strip():
-                    continue
-                yield _entry(raw, number, seen, self.model_for)
+        try:
+            with self._open() as stream:
+                for number, raw, size in _lines(stream, self.max_line_bytes, digest):
+                    if raw is None:
+                        yield Entry(
+                            number,
+                            str(number),
+                            error=f"the line is {size:,} bytes; at most {self.max_line_bytes:,}"
+                            " are read (the max_line_bytes setting)",
+                        )
+                        continue
+                    if number == 1:
+                        raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                    if not raw.strip():
+                        continue
+                    yield _entry(raw, number, seen, self.model_for, self.max_tokens)
+        except OSError as exc:
+            raise InputError(
+                f"{self.display}: cannot be read ({exc.strerror or exc})",
+                hint="check the path and its permissions",
+            ) from None
 
     def scan(self) -> Scan:
         """Validate every line and hash the content, keeping only counts and the first problems."""
@@ -111,6 +156,39 @@ class PromptFile:
             self._spool.close()
 
 
+def _spool(stream: IO[bytes], name: str) -> IO[bytes]:
+    """Copy a stream that can be read only once into a temporary file."""
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by PromptFile.close()
+    try:
+        shutil.copyfileobj(stream, spool)
+    except OSError as exc:
+        spool.close()
+        raise InputError(f"{name}: cannot be read ({exc.strerror or exc})") from None
+    return spool
+
+
+def _lines(
+    stream: IO[bytes], limit: int, digest: hashlib._Hash | None
+) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes or None when longer than `limit`, length) for every line."""
+    number = 0
+    while raw := stream.readline(limit + 1):
+        number += 1
+        if digest is not None:
+            digest.update(raw)
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield number, raw, len(raw)
+            continue
+        size = len(raw)
+        while chunk := stream.readline(1 << 20):  # the rest of the line, skipped
+            if digest is not None:
+                digest.update(chunk)
+            size += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+        yield number, None, size
+
+
 class _Unclosable:
     """Lets `with` wrap the spooled stdin without closing it between passes."""
 
@@ -124,7 +202,13 @@ class _Unclosable:
         return None
 
 
-def _entry(raw: bytes, number: int, seen: dict[str, int], model_for: ModelResolver | None) -> Entry:
+def _entry(
+    raw: bytes,
+    number: int,
+    seen: dict[str, int],
+    model_for: ModelResolver | None,
+    max_tokens: int,
+) -> Entry:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -137,8 +221,10 @@ def _entry(raw: bytes, number: int, seen: dict[str, int], model_for: ModelResolv
         )
     text = text.rstrip("\r\n")
     custom_id = str(number)
+    raw_text = text
     try:
         data = _load_object(text)
+        check_strings(data)
         if "custom_id" in data:
             custom_id = check_custom_id(data["custom_id"])
         model = None
@@ -146,19 +232,32 @@ def _entry(raw: bytes, number: int, seen: dict[str, int], model_for: ModelResolv
             request, model = parse_openai_line(data, model_for)
         else:
             request = parse_request(data)
+        if "json_schema" in request:
+            limit = request.get("params", {}).get("max_tokens", max_tokens)
+            request["json_schema"] = bound_schema(request["json_schema"], limit)
         if custom_id in seen:
             raise LineError(f"duplicate custom_id {custom_id!r} (first on line {seen[custom_id]})")
     except LineError as exc:
-        return Entry(number, custom_id, error=str(exc), raw=text)
+        # What cannot be stored is not kept, even as the raw line of an invalid item.
+        stored = raw_text if _storable(raw_text) else raw.decode("ascii", "backslashreplace")
+        return Entry(number, custom_id, error=str(exc), raw=stored)
     seen[custom_id] = number
     return Entry(number, custom_id, request=request, raw=text, model=model)
 
 
+def _storable(text: str) -> bool:
+    try:
+        check_strings(text)
+    except LineError:
+        return False
+    return True
+
+
 def _load_object(text: str) -> dict[str, Any]:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LineError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+        data = parse_json(text)
+    except JSONError as exc:
+        raise LineError(str(exc)) from None
     if not isinstance(data, dict):
         raise LineError(f"expected a JSON object, got {kind_of(data)}")
     return data

@@ -15,16 +15,14 @@ errors: ../out/nightly.errors.jsonl   # openai format: failed requests go here
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from executor.config import OPTIONS, Settings, load_settings
 from executor.errors import ConfigError
 from executor.export import FORMATS
+from executor.files import JSONError, check_writable, load_yaml, parse_json, read_text
 from executor.records import JOB_PARAMS
 from executor.units import parse_size
 
@@ -83,12 +81,7 @@ def is_spec(path: str) -> bool:
 def read_spec(path: str | Path) -> JobSpec:
     """Read and validate a job spec; errors name the file and the key."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such job spec") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = load_yaml(read_text(path, "job spec"), str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job spec is a mapping of keys (name, input, model, ...)")
     unknown = sorted(set(data) - set(SPEC_KEYS))
@@ -121,6 +114,13 @@ def read_spec(path: str | Path) -> JobSpec:
     for key in ("with_provenance", "include_failed"):
         if key in data and not isinstance(data[key], bool):
             raise ConfigError(f"{where(key)}: expected true or false, got {data[key]!r}")
+    output = _path(base, data["output"], where("output")) if "output" in data else None
+    errors = _path(base, data["errors"], where("errors")) if "errors" in data else None
+    for target, key in ((output, "output"), (errors, "errors")):
+        if target is not None:
+            check_writable(target, where(key))
+    if output is not None and output == errors:
+        raise ConfigError(f"{path}: output and errors name the same file; give two")
     return JobSpec(
         path=path,
         name=_text(data.get("name", path.stem), where("name")),
@@ -128,9 +128,9 @@ def read_spec(path: str | Path) -> JobSpec:
         model=_text(data["model"], where("model")) if "model" in data else None,
         settings=settings,
         json_schema=read_schema(base, data.get("json_schema"), where("json_schema")),
-        output=_path(base, data["output"], where("output")) if "output" in data else None,
+        output=output,
         format=fmt,
-        errors=_path(base, data["errors"], where("errors")) if "errors" in data else None,
+        errors=errors,
         with_provenance=bool(data.get("with_provenance", False)),
         include_failed=bool(data.get("include_failed", False)),
         min_vram=_size(data["min_vram"], where("min_vram")) if "min_vram" in data else None,
@@ -160,11 +160,9 @@ def read_schema(base: Path, value: Any, where: str) -> dict[str, Any] | None:
         return value
     schema_path = _path(base, value, where)
     try:
-        schema = json.loads(schema_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: {schema_path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: {schema_path} is not valid JSON: {exc}") from None
+        schema = parse_json(read_text(schema_path, f"{where}: schema file"))
+    except JSONError as exc:
+        raise ConfigError(f"{where}: {schema_path}: {exc}") from None
     if not isinstance(schema, dict):
         raise ConfigError(f"{where}: a JSON schema is an object")
     return schema

@@ -41,7 +41,7 @@ from executor.engine.faults import Faults
 from executor.errors import ConfigError, ModelError
 from executor.gguf_info import ModelInfo, read_model_info
 from executor.gpu import Device
-from executor.models import cached_model_sha256, check_default_hash, check_gguf, model_sha256
+from executor.models import check_default_hash, check_gguf, model_sha256, quick_sha256
 from executor.placement import Placement
 from executor.plan import (
     Plan,
@@ -108,7 +108,10 @@ class PlanReport:
                 "weights": m.weights_bytes,
                 "weights_by_class": m.class_bytes(),
                 "quantization": m.quantization,
-                "sha256": self.key.model_sha256,
+                "sha256": self.key.model_sha256 or None,
+                "sha256_note": None
+                if self.key.model_sha256
+                else "not hashed yet: the first `executor run` hashes it once and keeps it",
             },
             "gpu": None if self.plan.device is None else vars(self.plan.device),
             "gpu_problem": self.probe.problem if self.probe else None,
@@ -123,7 +126,7 @@ class PlanReport:
 
 def plan_for(
     settings: Settings,
-    db: Database,
+    db: Database | None,
     model_path: str | Path,
     *,
     job: Job | None = None,
@@ -154,8 +157,9 @@ def plan_for(
     if parallel == "auto":
         parallel = choose_parallel(info, device, base)
     n_ubatch, ubatch_note = _ubatch(settings, info, device, replace(base, parallel=parallel))
-    # Hashing a 64 GB file takes minutes: plan from the cached hash; the worker hashes.
-    sha256 = sha256 or cached_model_sha256(db, path) or ""
+    # Hashing a 64 GB file takes minutes: plan from the cached hash (small files are hashed
+    # now); the worker hashes once and caches.
+    sha256 = sha256 or quick_sha256(db, path) or ""
     key = ConfigKey(
         model_sha256=sha256,
         gpu_uuid=device.uuid if device else "cpu",
@@ -164,15 +168,15 @@ def plan_for(
         parallel=int(parallel),
         n_ubatch=n_ubatch,
     )
-    remembered = device is not None and bool(sha256)
-    stored = load_store.known_placement(db, key) if remembered else None
+    remembered = db is not None and device is not None and bool(sha256)
+    stored = load_store.known_placement(db, key) if remembered else None  # type: ignore[arg-type]
     known = Placement.from_dict(stored) if stored else None
     request = replace(
         base,
         parallel=int(parallel),
         n_ubatch=n_ubatch,
         n_batch=max(settings.n_batch, n_ubatch),
-        correction=load_store.measured_excess(db, key) if remembered else 0,
+        correction=load_store.measured_excess(db, key) if remembered else 0,  # type: ignore[arg-type]
         known=_lowest(info, request_by_tensor(settings), known, ceiling),
     )
     plan = make_plan(info, device, request)
@@ -218,7 +222,7 @@ def _context(settings: Settings, db: Database, info: ModelInfo, job: Job | None)
     """The context per sequence: the setting if fixed, else what the job's items need."""
     if settings.ctx != "auto":
         return int(settings.ctx), f"ctx {settings.ctx} ({settings.sources.get('ctx', 'set')})"
-    if job is None:
+    if job is None or db is None:
         return DEFAULT_CTX, (
             f"ctx {DEFAULT_CTX}: no job to size it from (--job ID plans for a queued job's "
             "prompts; --ctx fixes it)"
@@ -571,6 +575,26 @@ class ModelLoader:
             if (oom or exc.crashed) and self._shrink(state, report, plan, why):
                 raise _Retry(reason) from None
             raise ModelError(f"model {path} did not load: {reason}") from None
+        try:
+            return self._check_loaded(proc, plan, key, load_id, state, report, path, sha)
+        except BaseException:
+            proc.kill()  # whatever went wrong, no model process is left behind
+            raise
+
+    def _check_loaded(
+        self,
+        proc: ModelProcess,
+        plan: Plan,
+        key: ConfigKey,
+        load_id: int,
+        state: _Attempt,
+        report: PlanReport,
+        path: Path,
+        sha: str,
+    ) -> Loaded:
+        """Measure what the loaded process holds; above the cap, kill it and shrink."""
+        device = plan.device
+        predicted = plan.gpu.total if device and plan.n_gpu_layers else 0
         if device is not None and plan.n_gpu_layers != 0 and proc.pid is not None:
             measured = self.measure(proc.pid, device.uuid)
             if measured is not None:

@@ -9,7 +9,9 @@ from importlib import metadata
 from pathlib import Path
 
 from executor.config import xdg_dir
-from executor.errors import ModelError
+from executor.errors import ModelError, UsageError
+from executor.files import regular_file
+from executor.gguf_header import read_header
 from executor.store import Database
 from executor.store.model_hashes import cached_sha256, remember_sha256
 
@@ -59,8 +61,10 @@ def resolve_model(setting: str | None, aliases: dict[str, str] | None = None) ->
         setting = aliases[setting]
     if setting:
         path = Path(setting).expanduser().resolve()
-        if not path.is_file():
-            raise ModelError(f"model file {path} does not exist")
+        try:
+            regular_file(path, "model file")
+        except UsageError as exc:
+            raise ModelError(str(exc), hint="check --model / EXECUTOR_MODEL / models:") from None
         check_gguf(path)
         return path
     for path in default_model_candidates():
@@ -72,9 +76,11 @@ def resolve_model(setting: str | None, aliases: dict[str, str] | None = None) ->
     )
 
 
-def describe_model(setting: str | None, source: str = "default") -> dict[str, object]:
+def describe_model(
+    setting: str | None, aliases: dict[str, str] | None = None, source: str = "default"
+) -> dict[str, object]:
     """`executor model`: where the model is, its size and sha256 (checked for the default)."""
-    path = resolve_model(setting)
+    path = resolve_model(setting, aliases)
     sha = sha256_file(path)
     return {
         "path": str(path),
@@ -86,11 +92,16 @@ def describe_model(setting: str | None, source: str = "default") -> dict[str, ob
 
 
 def check_gguf(path: Path) -> None:
-    """Refuse files that are not GGUF before a model process is started for them."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    """Refuse files that are not GGUF, or are cut short, before a model process is started
+    for them (the header names the bytes the tensors need: a truncated download says so)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if magic != GGUF_MAGIC:
         raise ModelError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    read_header(path)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -106,6 +117,20 @@ def cached_model_sha256(db: Database, path: Path) -> str | None:
     """The model's sha256 if it was hashed before and the file has not changed since."""
     stat = path.stat()
     return cached_sha256(db, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+QUICK_HASH = 2 * 2**30  # files up to this size are hashed on sight (about a second)
+
+
+def quick_sha256(db: Database | None, path: Path) -> str | None:
+    """The sha256 if cached, or if the file is small enough to hash now; None for a big
+    file not hashed yet (the worker hashes it once, then it is cached)."""
+    if db is not None:
+        cached = cached_model_sha256(db, path)
+        if cached or path.stat().st_size > QUICK_HASH:
+            return cached
+        return model_sha256(db, path)
+    return sha256_file(path) if path.stat().st_size <= QUICK_HASH else None
 
 
 def model_sha256(db: Database, path: Path) -> str:

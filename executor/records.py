@@ -5,7 +5,8 @@ imports the store or llama.cpp, so the model process stays free of SQLAlchemy.
 Pipe messages, in order of a model process's life:
   child → parent  Ready(info) | LoadFailed(reason)
   parent → child  Batch(requests), then Drop(item_ids) or Stop() at any time
-  child → parent  ItemStarted(id), ItemDone(id, record) | ItemFailed(id, reason), BatchDone()
+  child → parent  ItemStarted(id), Progress() now and then, ItemDone(id, record) |
+                  ItemFailed(id, reason), BatchDone()
 """
 
 from __future__ import annotations
@@ -233,6 +234,12 @@ class ItemFailed:
 
     item_id: int
     reason: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The model is decoding (sent at most once a second): a process that stops sending
+    anything while items are in flight is hung, and the parent kills it."""
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from executor.config import Settings
-from executor.errors import InputError
-from executor.fields import LineError, ModelResolver
+from executor.errors import InputError, UsageError
+from executor.fields import LineError, ModelResolver, bound_schema
 from executor.inputs import PromptFile, format_problems
 from executor.models import resolve_model
 from executor.store import Database, queue
 from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus
+
+MAX_NAME = 200  # jobs.name holds 200 characters
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,24 @@ def submit(
     `force`, so cron can resubmit a file safely. `json_schema` constrains every line without
     its own; `load` holds settings for loading the job's model (ctx, parallel, vram_cap).
     """
-    prompts = PromptFile(source, _model_resolver(settings))
+    job_name = name or (None if source == "-" else Path(source).stem)
+    if job_name is not None and (len(job_name) > MAX_NAME or not job_name.strip()):
+        raise UsageError(
+            f"job name {job_name[:40]!r}…: at most {MAX_NAME} characters, not blank"
+            if job_name.strip()
+            else "the job name is blank"
+        )
+    if json_schema is not None:
+        try:
+            json_schema = bound_schema(json_schema, settings.max_tokens)
+        except LineError as exc:
+            raise UsageError(f"--json-schema: {str(exc).removeprefix('json_schema')}") from None
+    prompts = PromptFile(
+        source,
+        _model_resolver(settings),
+        max_tokens=settings.max_tokens,
+        max_line_bytes=settings.max_line_bytes,
+    )
     try:
         scan = prompts.scan()
         if scan.invalid and not skip_invalid:
@@ -77,13 +96,11 @@ def submit(
         if min_vram:
             params["min_vram"] = min_vram
         fingerprint = _fingerprint(scan.sha256, str(model), params)
-        if not force:
-            existing = queue.find_job(db, fingerprint)
-            if existing is not None:
-                return Submitted(existing.id, False, existing.item_count, 0)
-        job_id = queue.create_job(
+        # Finding an earlier job and creating this one are one transaction (under SQLite's
+        # write lock or a PostgreSQL advisory lock on the fingerprint): twins queue one job.
+        job, created = queue.create_job(
             db,
-            name=name or (None if source == "-" else Path(source).stem),
+            name=job_name,
             model=str(model),
             params=params,
             input_path=prompts.path_for_record,
@@ -91,8 +108,11 @@ def submit(
             fingerprint=fingerprint,
             new_items=_new_items(prompts, scan.sha256),
             min_vram=min_vram,
+            reuse=not force,
         )
-        return Submitted(job_id, True, scan.valid + scan.invalid, scan.invalid)
+        if not created:
+            return Submitted(job.id, False, job.item_count, 0)
+        return Submitted(job.id, True, scan.valid + scan.invalid, scan.invalid)
     finally:
         prompts.close()
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import errno
 import logging
 import multiprocessing as mp
 import signal
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -16,6 +19,8 @@ from typing import Any
 from executor.engine.child import counter_main, dry_run_main
 from executor.engine.child import main as child_main
 from executor.engine.faults import Faults
+from executor.errors import DiskError
+from executor.files import private_dir
 from executor.records import (
     Batch,
     BatchDone,
@@ -26,6 +31,7 @@ from executor.records import (
     ItemFailed,
     ItemStarted,
     LoadSpec,
+    Progress,
     Ready,
     Stop,
 )
@@ -60,6 +66,18 @@ class ModelLoadFailed(Exception):
         self.crashed = crashed
 
 
+_LIVE: weakref.WeakSet[ModelProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """No model process outlives its parent: it ignores SIGTERM (stopping is the parent's
+    decision), so multiprocessing's own exit handler, which sends SIGTERM and waits, would
+    wait forever. Registered after multiprocessing's handler, so it runs first."""
+    for proc in list(_LIVE):
+        proc.kill()
+
+
 class ModelProcess:
     """One child process holding one loaded model."""
 
@@ -78,9 +96,22 @@ class ModelProcess:
 
     def start(self, *, abort: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """Spawn the process and wait until the model is loaded; raise ModelLoadFailed if not."""
-        _rotate(self.log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        try:
+            _rotate(self.log_path)
+            private_dir(self.log_path.parent)
+            with open(self.log_path, "a", encoding="utf-8") as engine_log:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+                engine_log.write(f"--- {stamp} starting a model process\n")
+        except OSError as exc:
+            full = exc.errno == errno.ENOSPC
+            raise DiskError(
+                f"cannot write the model process's log {self.log_path} ("
+                + ("the disk is full" if full else exc.strerror or str(exc))
+                + ")",
+                hint="free space there, or point XDG_STATE_HOME elsewhere; no item was "
+                "started, all stay queued",
+            ) from None
+        self._log_offset = self.log_path.stat().st_size
         # spawn, not fork: the parent holds SQLite connections and threads that must not be
         # copied, and the child starts with a clean CUDA state.
         ctx = mp.get_context("spawn")
@@ -92,6 +123,7 @@ class ModelProcess:
             daemon=True,
         )
         self._process.start()
+        _LIVE.add(self)
         child_conn.close()
         self._conn = parent_conn
         started = time.monotonic()
@@ -122,18 +154,33 @@ class ModelProcess:
                 raise ModelLoadFailed("interrupted while loading", crashed=False)
 
     def run(
-        self, requests: list[GenerationRequest], *, tick_seconds: float = 1.0
+        self,
+        requests: list[GenerationRequest],
+        *,
+        tick_seconds: float = 1.0,
+        stall_seconds: float | None = None,
     ) -> Iterator[Event]:
-        """Send a batch; yield what happens until the batch is done or the process dies."""
+        """Send a batch; yield what happens until the batch is done or the process dies.
+        A process that sends nothing for `stall_seconds` (it reports progress every second
+        while it decodes) is hung: it is killed and reported as dead."""
         assert self._process is not None and self._conn is not None
         try:
             self._conn.send(Batch(requests))
         except (BrokenPipeError, OSError):
             yield self._died()
             return
+        heard = time.monotonic()
         while True:
             ready = wait([self._conn, self._process.sentinel], timeout=tick_seconds)
             if not ready:
+                if stall_seconds and time.monotonic() - heard > stall_seconds:
+                    self.kill()
+                    yield Died(
+                        f"model process made no progress for {stall_seconds:g}s (hung?); killed"
+                        f"{self._tail_note()}",
+                        None,
+                    )
+                    return
                 yield Tick()
                 continue
             if self._conn in ready:
@@ -142,6 +189,9 @@ class ModelProcess:
                 except (EOFError, OSError):
                     yield self._died()
                     return
+                heard = time.monotonic()
+                if isinstance(message, Progress):
+                    continue
                 yield message
                 if isinstance(message, BatchDone):
                     return

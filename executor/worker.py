@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from executor import gpu
 from executor.config import Settings, xdg_dir
-from executor.errors import ModelError
+from executor.errors import ModelError, UnstorableResult
 from executor.loader import Loaded, ModelLoader
 from executor.records import BatchDone, GenerationRequest, ItemDone, ItemFailed, ItemStarted
 from executor.store import Database, queue
@@ -243,19 +243,23 @@ class Worker:
         heartbeat_every = self.settings.lease_seconds / 3
         last_heartbeat = time.monotonic()
         stop_deadline: float | None = None
-        for event in loaded.proc.run(requests):
+        for event in loaded.proc.run(requests, stall_seconds=self.settings.stall_seconds):
             if isinstance(event, ItemStarted):
                 in_flight.add(event.item_id)
             elif isinstance(event, ItemDone):
-                recorded = queue.complete(
-                    self.db,
-                    event.item_id,
-                    owner=self.id,
-                    result=event.record,
-                    model_sha256=loaded.sha256,
-                    load_id=loaded.load_id,
-                    params=params[event.item_id],
-                )
+                try:
+                    recorded = queue.complete(
+                        self.db,
+                        event.item_id,
+                        owner=self.id,
+                        result=event.record,
+                        model_sha256=loaded.sha256,
+                        load_id=loaded.load_id,
+                        params=params[event.item_id],
+                    )
+                except UnstorableResult as exc:
+                    self._item_failed(job, event.item_id, str(exc), pending, in_flight)
+                    continue
                 self._settled(event.item_id, pending, in_flight)
                 if recorded:
                     self.summary.done += 1
@@ -264,16 +268,7 @@ class Worker:
                 else:
                     self._drop_lost(job, pending, in_flight)
             elif isinstance(event, ItemFailed):
-                log.warning(
-                    "item %s failed: %s",
-                    event.item_id,
-                    event.reason,
-                    extra={"job": job.id, "item": event.item_id},
-                )
-                if queue.fail_item(self.db, event.item_id, owner=self.id, error=event.reason):
-                    self.summary.failed += 1
-                    self._item_finished(0, failed=True)
-                self._settled(event.item_id, pending, in_flight)
+                self._item_failed(job, event.item_id, event.reason, pending, in_flight)
             elif isinstance(event, Died):
                 self._model_died(event, pending, in_flight)
                 return
@@ -318,6 +313,16 @@ class Worker:
             reclaimed = queue.reclaim_stale(self.db)
             if reclaimed:
                 log.info("returned %d items with expired leases to the queue", reclaimed)
+
+    def _item_failed(
+        self, job: Job, item_id: int, reason: str, pending: set[int], in_flight: set[int]
+    ) -> None:
+        """This item alone failed (its prompt, its answer); the batch goes on."""
+        log.warning("item %s failed: %s", item_id, reason, extra={"job": job.id, "item": item_id})
+        if queue.fail_item(self.db, item_id, owner=self.id, error=reason):
+            self.summary.failed += 1
+            self._item_finished(0, failed=True)
+        self._settled(item_id, pending, in_flight)
 
     def _settled(self, item_id: int, pending: set[int], in_flight: set[int]) -> None:
         pending.discard(item_id)
@@ -375,15 +380,15 @@ class Worker:
         all, the job fails with why. A loaded model serves every job of its file and load
         settings: only a job that needs a longer context makes it reload."""
         overrides = job.params.get("load") or {}
-        if (
-            self.loaded is not None
-            and self.loaded.model_path == job.model
-            and self.loaded.overrides == overrides
-            and self._context_fits(job, overrides)
-        ):
-            return True
-        self._unload()
         try:
+            if (
+                self.loaded is not None
+                and self.loaded.model_path == job.model
+                and self.loaded.overrides == overrides
+                and self._context_fits(job, overrides)
+            ):
+                return True
+            self._unload()
             self.loaded = self.loader.load(job.model, overrides, job)
         except ModelError as exc:
             if self.stopping:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import time
 
+from executor.errors import ModelError
 from executor.records import GenerationRequest
 from executor.store import Database, queue
 from executor.store.queue import Job
-from executor.supervisor import PromptCounter
+from executor.supervisor import ModelLoadFailed, PromptCounter
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def context_for(need: int | None, n_ctx_train: int) -> int | None:
 
 def job_context_need(db: Database, job: Job, engine: str) -> int | None:
     """The most tokens any unfinished item of `job` needs, counting the items not counted yet
-    (once: the counts are stored) in a throwaway process that loads only the vocabulary."""
+    (once: the counts are stored) in a throwaway process that loads only the vocabulary.
+    ModelError when that process cannot (the model will not load either)."""
     started = time.monotonic()
     counted = 0
     after = 0
@@ -52,6 +54,8 @@ def job_context_need(db: Database, job: Job, engine: str) -> int | None:
             queue.set_context_need(db, needs)
             counted += len(batch)
             after = batch[-1].id
+    except ModelLoadFailed as exc:
+        raise ModelError(f"{job.model}: cannot count the prompts' tokens ({exc})") from None
     finally:
         if counter is not None:
             counter.close()

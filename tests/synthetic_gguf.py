@@ -225,7 +225,7 @@ def write(path: Path, spec: Spec, *, random: bool = False, seed: int = 0) -> Pat
     if spec.file_type is not None:
         writer.add_file_type(spec.file_type)
     if spec.tokenizer == "default":
-        _copy_default_tokenizer(writer)
+        _copy_default_tokenizer(writer, skip=set(spec.extra))
     else:
         _add_spm_vocab(writer, spec.n_vocab)
     if random:
@@ -309,9 +309,10 @@ def default_vocab_size() -> int:
     return next(len(v) for k, v, *_ in default_tokenizer() if k == "tokenizer.ggml.tokens")
 
 
-def _copy_default_tokenizer(writer: gguf.GGUFWriter) -> None:
+def _copy_default_tokenizer(writer: gguf.GGUFWriter, skip: set[str]) -> None:
     for name, value, vtype, sub in default_tokenizer():
-        writer.add_key_value(name, value, vtype, sub_type=sub)
+        if name not in skip:
+            writer.add_key_value(name, value, vtype, sub_type=sub)
 
 
 def _add_spm_vocab(writer: gguf.GGUFWriter, n_vocab: int) -> None:
@@ -386,11 +387,21 @@ def moe_spec(s: MoeShape) -> Spec:
     return Spec(s.arch, name, kv, moe_tensor_table(s, n_vocab), file_type, tokenizer, n_vocab)
 
 
-def write_moe_gguf(path: Path, shape: MoeShape | str, *, random: bool | None = None) -> Path:
-    """A MoE model: sparse for the big shapes, random weights for the tiny ones."""
+def write_moe_gguf(
+    path: Path,
+    shape: MoeShape | str,
+    *,
+    random: bool | None = None,
+    chat_template: str | None = None,
+) -> Path:
+    """A MoE model: sparse for the big shapes, random weights for the tiny ones; with
+    `chat_template`, that template instead of the default model's."""
     s = MOE_SHAPES[shape] if isinstance(shape, str) else shape
     tiny = s.experts in (Q.F32, Q.F16)
-    return write(path, moe_spec(s), random=tiny if random is None else random)
+    spec = moe_spec(s)
+    if chat_template is not None:
+        spec.extra["tokenizer.chat_template"] = chat_template
+    return write(path, spec, random=tiny if random is None else random)
 
 
 def write_tiny_gguf(path: Path) -> Path:

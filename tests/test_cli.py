@@ -56,7 +56,7 @@ def test_empty_file_and_missing_file(tmp_path, db_path, tiny_model):
     result = run_cli(
         "submit", str(tmp_path / "nope.jsonl"), "--model", str(tiny_model), db_path=db_path
     )
-    assert result.returncode == 2 and "no such file" in result.stderr
+    assert result.returncode == 2 and "does not exist" in result.stderr
 
 
 def test_many_bad_lines_list_twenty_then_a_count(tmp_path, db_path, tiny_model):
@@ -138,6 +138,7 @@ def test_export_writes_a_whole_file_or_none(tmp_path, db_path, tiny_model):
 
 
 def test_unknown_job_exit_5(db_path):
+    run_cli("db", "upgrade", db_path=db_path, check=True)
     for args in (
         ("export", "42"),
         ("status", "42"),

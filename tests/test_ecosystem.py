@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from executor.config import xdg_dir
-from executor.errors import ConfigError
+from executor.errors import UsageError
 from executor.jobspec import read_spec
 from tests.helpers import ROOT, query, read_jsonl, run_cli, write_jsonl
 
@@ -380,7 +380,7 @@ def test_submit_accepts_a_spec(tmp_path, db_path, tiny_model):
 )
 def test_spec_errors_name_the_file_and_key(tmp_path, data, message):
     path = spec_file(tmp_path, data)
-    with pytest.raises(ConfigError, match=str(path).replace(".", r"\.")) as caught:
+    with pytest.raises(UsageError, match=str(path).replace(".", r"\.")) as caught:
         read_spec(path)
     assert message in str(caught.value)
 

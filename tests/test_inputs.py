@@ -114,5 +114,5 @@ def test_scan_hash_is_the_sha256_of_the_bytes(tmp_path: Path):
 
 
 def test_missing_file(tmp_path: Path):
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="does not exist"):
         PromptFile(str(tmp_path / "absent.jsonl"))

@@ -180,6 +180,8 @@ def test_shared_system_prompt_is_computed_once(default_model):
         def stop_requested(self):
             return False
 
+        def progress(self): ...
+
     try:
         prefix = len(engine.prompter.prompt_tokens(requests[0])[0]) - 20
         engine.run_batch(requests, Sink())

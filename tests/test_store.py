@@ -33,7 +33,8 @@ def make_job(db: Database, n: int = 3, fingerprint: str = "f" * 64, **fields) ->
         fingerprint=fingerprint,
         new_items=(NewItem(i + 1, f"c{i + 1}", {"prompt": f"p{i + 1}"}) for i in range(n)),
     )
-    return queue.create_job(db, **{**values, **fields})
+    job, _ = queue.create_job(db, **{**values, "reuse": False, **fields})
+    return job.id
 
 
 def test_blank_database_upgraded_to_head_matches_the_models(tmp_path: Path):

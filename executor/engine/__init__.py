@@ -38,6 +38,10 @@ class BatchSink(Protocol):
         """Items of the batch not to start (the parent released them)."""
         ...
 
+    def progress(self) -> None:
+        """Called after every decode step: the model is alive."""
+        ...
+
     def stop_requested(self) -> bool: ...
 
 

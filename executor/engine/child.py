@@ -13,6 +13,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,6 +28,7 @@ from executor.records import (
     ItemStarted,
     LoadFailed,
     LoadSpec,
+    Progress,
     Ready,
     ResultRecord,
     Stop,
@@ -84,6 +86,13 @@ class _PipeSink:
         self.conn = conn
         self.drops: set[int] = set()
         self.stop = False
+        self._told = time.monotonic()
+
+    def progress(self) -> None:
+        now = time.monotonic()
+        if now - self._told >= 1.0:
+            self.conn.send(Progress())
+            self._told = now
 
     def started(self, item_id: int) -> None:
         self.conn.send(ItemStarted(item_id))
@@ -157,7 +166,8 @@ def counter_main(conn: Connection, engine: str, model_path: str) -> None:
 
 def _redirect_output(log_path: str) -> None:
     """Send this process's stdout and stderr (llama.cpp's log included) to the engine log."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # prompts and answers may appear in it: this user only
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

@@ -56,6 +56,7 @@ class FakeEngine:
                 return
             if self.step_seconds:
                 time.sleep(self.step_seconds)
+            sink.progress()
             for sequence in list(live):
                 self.tokens += 1
                 sequence.emitted += 1
@@ -91,7 +92,7 @@ class FakeEngine:
                 output, finish = output[: output.index(stop)], "stop"
         total_ms = (time.perf_counter() - sequence.started) * 1000
         return ResultRecord(
-            output=output,
+            output=self.faults.output(output, request.text),
             finish_reason=finish,
             prompt_tokens=sequence.prompt_tokens,
             completion_tokens=len(sequence.words),

@@ -12,12 +12,17 @@ Both engines honour them:
                                        after a few tokens, as a CUDA OOM during decode does
   EXECUTOR_FAULT_ABORT_AFTER_TOKENS=K  the first model process aborts after K tokens
   EXECUTOR_FAULT_ABORT_ON=TEXT         any process aborts on an item whose prompt contains TEXT
+  EXECUTOR_FAULT_HANG_ON=TEXT          any process stops forever (a hung kernel or driver) on
+                                       an item whose prompt contains TEXT
+  EXECUTOR_FAULT_BAD_OUTPUT_ON=TEXT    an item whose prompt contains TEXT answers with a lone
+                                       UTF-16 surrogate, which no database can store
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,6 +35,8 @@ class Faults:
     oom_decode_above: int | None = None
     abort_after_tokens: int | None = None
     abort_on: str | None = None
+    hang_on: str | None = None
+    bad_output_on: str | None = None
     oom_load_weights_above: int | None = None
     process_number: int = 1
     gpu_weights: int = 0  # what the parent planned on the GPU for this process
@@ -47,8 +54,16 @@ class Faults:
             oom_decode_above=number("OOM_DECODE_ABOVE"),
             abort_after_tokens=number("ABORT_AFTER_TOKENS"),
             abort_on=env.get("EXECUTOR_FAULT_ABORT_ON") or None,
+            hang_on=env.get("EXECUTOR_FAULT_HANG_ON") or None,
+            bad_output_on=env.get("EXECUTOR_FAULT_BAD_OUTPUT_ON") or None,
             oom_load_weights_above=number("OOM_LOAD_WEIGHTS_ABOVE"),
         )
+
+    def output(self, text: str, prompt_text: str) -> str:
+        """The output as generated, or made unstorable when a fault says so."""
+        if self.bad_output_on is not None and self.bad_output_on in prompt_text:
+            return text + "\ud800"
+        return text
 
     def check_load(self, n_gpu_layers: int) -> None:
         """Fail a load the way llama.cpp does when CUDA runs out of memory."""
@@ -69,6 +84,10 @@ class Faults:
 
     def check_token(self, n_gpu_layers: int, tokens_in_process: int, prompt_text: str) -> None:
         """Abort mid-decode when a fault says so (called once per generated token)."""
+        if self.hang_on is not None and self.hang_on in prompt_text:
+            print(f"fault injected: hanging on {self.hang_on!r}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
         if self.abort_on is not None and self.abort_on in prompt_text:
             _abort(
                 f'GGML_ASSERT(!"fault injected") failed: EXECUTOR_FAULT_ABORT_ON {self.abort_on!r}'

@@ -59,7 +59,7 @@ class LlamaEngine:
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, spec.parallel)
         self.slots = [_Slot(seq_id) for seq_id in range(spec.parallel)]
         self.reused_tokens = 0  # prompt tokens taken from the cache instead of computed
-        self._prompts: dict[int, tuple[list[int], list[str]]] = {}
+        self._prompts: dict[int, tuple[list[int], list[str]] | Exception] = {}
         self.prompter = Prompter(self.model)
         # With swa_full the sliding-window layers keep every position, like the others.
         self.n_swa = 0 if spec.swa_full else llama_cpp.llama_model_n_swa(self.model)
@@ -124,10 +124,17 @@ class LlamaEngine:
         slot.start(request, tokens, reused, extra_stops, sampler)
 
     def _prompt(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
-        """prompt_tokens, computed once per request (admission may look at it several times)."""
+        """prompt_tokens, computed once per request (admission may look at it several times);
+        a failure is remembered too, so a slow failing template is not rendered twice."""
         if request.item_id not in self._prompts:
-            self._prompts[request.item_id] = self.prompter.prompt_tokens(request)
-        return self._prompts[request.item_id]
+            try:
+                self._prompts[request.item_id] = self.prompter.prompt_tokens(request)
+            except Exception as exc:
+                self._prompts[request.item_id] = exc
+        known = self._prompts[request.item_id]
+        if isinstance(known, Exception):
+            raise known
+        return known
 
     def _wait_for_prefix(self, request: GenerationRequest) -> bool:
         """Hold a request back one step if a prompt being decoded now shares a long prefix
@@ -198,6 +205,7 @@ class LlamaEngine:
             self.tokens += 1
             self.faults.check_token(self.spec.n_gpu_layers, self.tokens, slot.request.text)
             self._accept(slot, token, sink)
+        sink.progress()
 
     def _add(self, slot: _Slot, token: int, logits: bool) -> None:
         batch, i = self.batch, self.batch.n_tokens
@@ -241,7 +249,7 @@ class LlamaEngine:
         sink.finished(
             request.item_id,
             ResultRecord(
-                output=text,
+                output=self.faults.output(text, request.text),
                 finish_reason=reason,
                 prompt_tokens=len(slot.prompt),
                 completion_tokens=len(slot.generated),

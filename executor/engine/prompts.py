@@ -5,7 +5,10 @@ job before its model is loaded (a vocabulary-only load), so the context can fit 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import llama_cpp
@@ -13,6 +16,28 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from executor.engine import ItemError, LoadError
 from executor.records import GenerationRequest
+
+TEMPLATE_SECONDS = 10.0  # templates render in microseconds; a loop in one must not hang
+
+
+@contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """ItemError when the block runs longer than `seconds` (SIGALRM: the model process's and
+    the counter's main thread; elsewhere the block runs unbounded)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        raise ItemError(f"{what} did not finish in {seconds:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Prompter:
@@ -30,7 +55,8 @@ class Prompter:
             return self.tokenize(request.prompt.encode(), add_bos=True), []
         if self.chat is None:
             raise ItemError("this model has no chat template: send a raw 'prompt' instead")
-        formatted = self.chat(messages=request.messages)
+        with time_limit(TEMPLATE_SECONDS, "the chat template"):
+            formatted = self.chat(messages=request.messages)
         tokens = self.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special)
         stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop]
         return tokens, [s for s in stops if s]

@@ -1,8 +1,15 @@
-"""Opening the database: engine factory with SQLite pragmas, write transactions, migrations."""
+"""Opening the database: engine factory with SQLite pragmas, write transactions, migrations.
+
+Every SQLAlchemy error that leaves this package becomes a DatabaseError in one line, without
+SQL text or parameters (they can hold prompts) and with passwords masked.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -13,8 +20,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
-from executor.errors import DatabaseError
+from executor.errors import DatabaseError, NoDatabaseError, UsageError
+from executor.files import PRIVATE_FILE, private_dir
+from executor.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +35,57 @@ MIGRATION_LOCK = 720_001  # PostgreSQL advisory lock key held while migrating
 class Database:
     """A SQLAlchemy engine plus the two ways to use it: `read()` and `write()` transactions."""
 
-    def __init__(self, url: str) -> None:
-        self.url = sa.make_url(url)
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = _checked_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        path = self.sqlite_path
+        if path is not None and not path.exists():
+            if not create:
+                raise NoDatabaseError(
+                    f"no database at {path}",
+                    hint="check --db / EXECUTOR_DB; `executor submit` creates one",
+                )
+            _create_private(path)
         self.engine = _create_engine(self.url)
 
     @property
     def display_url(self) -> str:
         """The URL with its password masked, for messages."""
-        return self.url.render_as_string(hide_password=True)
+        return redact(self.url.render_as_string(hide_password=False))
 
     @property
     def sqlite_path(self) -> Path | None:
         """The database file, for SQLite databases on disk."""
-        if self.is_sqlite and self.url.database not in (None, "", ":memory:"):
-            return Path(self.url.database)
-        return None
+        if not self.is_sqlite or self.url.database in (None, "", ":memory:"):
+            return None
+        name = self.url.database
+        if self.url.query.get("uri") == "true" and name.startswith("file:"):
+            # A SQLite URI filename (file:PATH?mode=ro): the file is PATH, not "file:PATH".
+            name = urllib.parse.unquote(urllib.parse.urlsplit(name).path)
+            if not name or name == ":memory:":
+                return None
+        return Path(name)
 
     @contextmanager
     def read(self) -> Iterator[sa.Connection]:
         """A read-only transaction (deferred on SQLite: takes no write lock)."""
-        with self.engine.connect() as conn, conn.begin():
+        with self.errors(), self.engine.connect() as conn, conn.begin():
             yield conn
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """SQLAlchemy's errors as one-line DatabaseErrors (no SQL, no parameters)."""
+        try:
+            yield
+        except sa.exc.SQLAlchemyError as exc:
+            raise database_error(exc, self) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DatabaseError(
+                    f"{self.display_url}: no space left on the device",
+                    hint="free some space; nothing was lost",
+                ) from None
+            raise
 
     @contextmanager
     def write(self) -> Iterator[sa.Connection]:
@@ -55,7 +94,7 @@ class Database:
         A deferred transaction that reads and then writes can fail with SQLITE_BUSY at the write
         despite busy_timeout; taking the lock at BEGIN makes the timeout apply.
         """
-        with self.engine.connect() as conn:
+        with self.errors(), self.engine.connect() as conn:
             conn.execution_options(sqlite_immediate=True)
             with conn.begin():
                 yield conn
@@ -82,7 +121,7 @@ class Database:
 
     def revision(self) -> str | None:
         """The schema revision the database is at (None for a blank database)."""
-        with self.engine.connect() as conn:
+        with self.errors(), self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
     def dispose(self) -> None:
@@ -111,29 +150,112 @@ def head_revision() -> str:
 
 def revisions(url: str) -> tuple[str | None, str]:
     """(the database's schema revision, the newest the code knows), without migrating."""
-    db = Database(url)
+    db = Database(url, create=False)
     try:
         return db.revision(), head_revision()
     finally:
         db.dispose()
 
 
-def open_database(url: str, *, upgrade: bool = True) -> Database:
-    """Open (creating if needed) the database at `url` and bring its schema to head."""
-    db = Database(url)
+def open_database(url: str, *, upgrade: bool = True, create: bool = True) -> Database:
+    """Open the database at `url` (creating a SQLite file if `create`) and bring its schema
+    to head. DatabaseError (exit 7) in one line when it cannot: unreachable, not a database,
+    read-only, full, or from a newer executor."""
+    db = Database(url, create=create)
     try:
         if upgrade:
-            db.upgrade()
-    except sa.exc.OperationalError as exc:
-        raise DatabaseError(f"cannot open database {db.url!r}: {exc.orig}") from None
+            current = db.revision()
+            if current is not None and current not in _known_revisions():
+                raise DatabaseError(
+                    f"{db.display_url} is at schema revision {current}, which this executor "
+                    f"does not know (it knows up to {head_revision()})",
+                    hint="it was written by a newer executor: upgrade executor",
+                )
+            if current != head_revision():
+                db.upgrade()
+    except sa.exc.SQLAlchemyError as exc:
+        raise database_error(exc, db) from None
+    except CommandError as exc:
+        raise DatabaseError(f"{db.display_url}: cannot migrate: {exc}") from None
     return db
+
+
+def database_error(exc: Exception, db: Database | None = None) -> DatabaseError:
+    """One line for a SQLAlchemy error: what went wrong, where, and what to do."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).splitlines()[0] if str(orig) else type(orig).__name__
+    where = db.display_url if db is not None else "the database"
+    lower = text.lower()
+    if "readonly" in lower or "read-only" in lower:
+        return DatabaseError(
+            f"{where} is read-only ({text})",
+            hint="give this user write access to the file and its folder",
+        )
+    if "disk is full" in lower or "no space" in lower:
+        return DatabaseError(f"{where}: the disk is full", hint="free some space; nothing was lost")
+    if "not a database" in lower or "malformed" in lower:
+        return DatabaseError(
+            f"{where} is not a SQLite database, or it is damaged ({text})",
+            hint="point --db / EXECUTOR_DB at the right file",
+        )
+    if "unable to open" in lower:
+        return DatabaseError(
+            f"cannot open {where} ({text})", hint="check the path and its permissions"
+        )
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return DatabaseError(f"cannot reach {where}: {redact(text)}")
+    return DatabaseError(f"{where}: {type(orig).__name__}: {redact(text)}")
+
+
+def _checked_url(url: str) -> sa.URL:
+    """A SQLite file or a PostgreSQL server; anything else is a usage error."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise UsageError(
+            f"not a database: {redact(url)!r}",
+            hint="give a file path (SQLite) or postgresql+psycopg://user@host/name",
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise UsageError(
+            f"unsupported database {redact(url)!r}: executor works with SQLite (a path) or "
+            "PostgreSQL (postgresql+psycopg://…)"
+        )
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise UsageError(
+            "an in-memory SQLite database lives only as long as one command: queued jobs "
+            "would vanish",
+            hint="give a file path (the default is $XDG_DATA_HOME/executor/executor.db)",
+        )
+    if backend == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we ship
+    return parsed
+
+
+def _create_private(path: Path) -> None:
+    """The database file, created readable by this user only (its WAL and SHM files take
+    the same mode), in a folder only this user can enter when it is ours to create."""
+    try:
+        private_dir(path.parent)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE)
+        os.fchmod(fd, PRIVATE_FILE)
+        os.close(fd)
+    except OSError as exc:
+        raise DatabaseError(
+            f"cannot create the database {path} ({exc.strerror or exc})",
+            hint="check the folder's permissions and free space",
+        ) from None
+
+
+def _known_revisions() -> set[str]:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return {rev.revision for rev in script.walk_revisions()}
 
 
 def _create_engine(url: sa.URL) -> sa.Engine:
     if url.get_backend_name() != "sqlite":
         return sa.create_engine(url, pool_pre_ping=True)
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @sa.event.listens_for(engine, "connect")

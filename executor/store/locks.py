@@ -14,7 +14,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from executor.errors import LockedError
+from executor.errors import DatabaseError, LockedError
+from executor.files import PRIVATE_FILE, private_dir
 from executor.store.db import Database
 
 
@@ -44,8 +45,15 @@ def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive flock. The kernel drops it when its holder dies, even by SIGKILL, so a
     stale lock file never blocks the next run; the file is left in place (deleting it would
     race with a new holder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+        os.fchmod(fd, PRIVATE_FILE)  # the umask filters os.open's mode
+    except OSError as exc:
+        raise DatabaseError(
+            f"cannot open the worker lock {path} ({exc.strerror or exc})",
+            hint="check the folder's permissions and free space",
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

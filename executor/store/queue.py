@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from executor.errors import NotFoundError
+from executor.errors import NotFoundError, UnstorableResult
 from executor.records import ResultRecord
 from executor.store.db import Database
 from executor.store.schema import (
@@ -94,15 +94,6 @@ class JobProgress:
 # --- jobs ------------------------------------------------------------------------------------
 
 
-def find_job(db: Database, fingerprint: str) -> Job | None:
-    """The newest job with this fingerprint (submit's idempotency check)."""
-    with db.read() as conn:
-        row = conn.execute(
-            sa.select(jobs).where(jobs.c.fingerprint == fingerprint).order_by(jobs.c.id.desc())
-        ).first()
-    return _job(row) if row else None
-
-
 def create_job(
     db: Database,
     *,
@@ -114,10 +105,26 @@ def create_job(
     fingerprint: str,
     new_items: Iterable[NewItem],
     min_vram: int | None = None,
-) -> int:
-    """Insert a job and all its items in one transaction (all or nothing); return the job id."""
+    reuse: bool = True,
+) -> tuple[Job, bool]:
+    """Insert a job and all its items in one transaction (all or nothing). With `reuse`, a
+    job of the same fingerprint is returned instead, found in the same transaction (SQLite:
+    under the write lock; PostgreSQL: under an advisory lock on the fingerprint), so that
+    concurrent twins queue one job. Returns (job, created)."""
     now = utcnow()
     with db.write() as conn:
+        if reuse:
+            if not db.is_sqlite:
+                key = int(fingerprint[:15], 16)
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+            row = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.fingerprint == fingerprint)
+                .order_by(jobs.c.id.desc())
+                .limit(1)
+            ).first()
+            if row is not None:
+                return _job(row), False
         job_id = conn.execute(
             sa.insert(jobs)
             .values(
@@ -158,7 +165,8 @@ def create_job(
             count += len(chunk)
         conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(item_count=count))
         _finish_job_if_complete(conn, job_id, now)
-    return job_id
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+    return _job(row), True
 
 
 def get_job(db: Database, job_id: int) -> Job | None:
@@ -446,7 +454,9 @@ def complete(
     load_id: int | None = None,
     params: dict[str, Any] | None = None,
 ) -> bool:
-    """Checkpoint one finished item; False if its lease was lost (cancelled, reclaimed)."""
+    """Checkpoint one finished item; False if its lease was lost (cancelled, reclaimed).
+    UnstorableResult if the output holds what no database can store (nothing is written)."""
+    _check_storable(result.output)
     now = utcnow()
     with db.write() as conn:
         job_id = _close_item(conn, item_id, owner, ItemStatus.DONE, None, now)
@@ -556,6 +566,20 @@ def reclaim_stale(db: Database, *, everything: bool = False, owner: str | None =
             .where(stale)
             .values(status=ItemStatus.QUEUED, lease_owner=None, lease_until=None, updated_at=now)
         ).rowcount
+
+
+def _check_storable(text: str) -> None:
+    """NUL characters (PostgreSQL) and lone UTF-16 surrogates (no UTF-8 for them) cannot be
+    stored in a text column; the same result must fail the same way on both backends."""
+    if "\x00" in text:
+        raise UnstorableResult("the answer holds a NUL character, which cannot be stored")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnstorableResult(
+            f"the answer holds {text[exc.start]!r} at {exc.start}, which is not valid Unicode "
+            "and cannot be stored"
+        ) from None
 
 
 def _close_item(
