@@ -8,14 +8,14 @@ as its tensor table says (a truncated download is named, with both sizes).
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import gguf
-
 from executor.errors import ModelError
+from executor.ggml_types import GGML_TYPES
 
 MAGIC = b"GGUF"
 LONG_ARRAY = 1024  # arrays longer than this are counted, not kept
@@ -33,6 +33,7 @@ _SCALARS = {
     12: "<d",
 }
 STRING, ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,18 @@ class _Stream:
         self.pos = 0  # within buffer
         self.base = 0  # file offset of buffer[0]
 
+    def _fill(self, n: int) -> None:
+        """Have at least `n` bytes from pos on in the buffer (EOFError at the file's end)."""
+        rest = self.buffer[self.pos :]
+        self.base += self.pos
+        self.buffer = rest + self.f.read(max(n, 1 << 20))
+        self.pos = 0
+        if n > len(self.buffer):
+            raise EOFError
+
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.buffer):
-            rest = self.buffer[self.pos :]
-            self.base += self.pos
-            self.buffer = rest + self.f.read(max(n, 1 << 20))
-            self.pos = 0
-            if n > len(self.buffer):
-                raise EOFError
+            self._fill(n)
         data = self.buffer[self.pos : self.pos + n]
         self.pos += n
         return data
@@ -95,11 +100,19 @@ class _Stream:
         return self.take(n).decode("utf-8", "replace")
 
     def skip_strings(self, count: int) -> None:
+        """Skip `count` strings (a vocabulary: 50,000-250,000 of them) within the buffer,
+        without a bytes object per string."""
         for _ in range(count):
-            n = self.unpack("<Q")
+            if self.pos + 8 > len(self.buffer):
+                self._fill(8)
+            (n,) = _U64.unpack_from(self.buffer, self.pos)
             if n > 1 << 30:
                 raise ValueError(f"a string of {n} bytes")
-            self.take(n)
+            if self.pos + 8 + n <= len(self.buffer):
+                self.pos += 8 + n
+            else:
+                self.pos += 8
+                self.take(n)
 
     @property
     def offset(self) -> int:
@@ -107,17 +120,25 @@ class _Stream:
 
 
 def read_header(path: Path) -> Header:
-    """The header of the GGUF at `path`; ModelError if it is not a readable, complete GGUF."""
+    """The header of the GGUF at `path`; ModelError if it is not a readable, complete GGUF.
+    Remembered per (path, size, mtime): a load checks the file and then plans from it."""
+    size = 0
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            return _read(_Stream(f), size, path)
+        st = path.stat()
+        size = st.st_size
+        return _cached(str(path), st.st_size, st.st_mtime_ns)
     except ModelError:
         raise
     except EOFError:
         raise ModelError(f"{path}: truncated GGUF header (the file is {size:,} bytes)") from None
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(path: str, size: int, mtime_ns: int) -> Header:
+    with open(path, "rb") as f:
+        return _read(_Stream(f), size, Path(path))
 
 
 def _read(s: _Stream, size: int, path: Path) -> Header:
@@ -175,8 +196,8 @@ def _value(s: _Stream, vtype: int) -> Any:
 
 def _nbytes(name: str, shape: tuple[int, ...], ttype: int) -> int:
     try:
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-    except (ValueError, KeyError):
+        _, block, size = GGML_TYPES[ttype]
+    except KeyError:
         raise ValueError(f"tensor {name} has an unknown type {ttype}") from None
     elements = 1
     for d in shape:

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
-
 from executor.errors import ModelError
+from executor.ggml_types import FILE_TYPES
 from executor.gguf_header import LongArray, read_header
 
 ATTENTION = "attention"
@@ -282,6 +281,6 @@ def _file_type(value: Any) -> str:
     if value is None:
         return ""
     try:
-        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
-    except ValueError:
+        return FILE_TYPES.get(int(value), str(value))
+    except (TypeError, ValueError):
         return str(value)
