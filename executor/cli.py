@@ -35,6 +35,7 @@ from executor.cli_options import (
     PlacementOpt,
     ProvenanceOpt,
     SwaFullOpt,
+    ThreadsOpt,
     UbatchOpt,
     VramCapOpt,
 )
@@ -303,13 +304,7 @@ def run(
     cache_type: CacheTypeOpt = None,
     flash_attn: FlashOpt = None,
     allow_swap: AllowSwapOpt = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="CPU threads. [env EXECUTOR_THREADS; default: llama.cpp's choice]",
-            show_default=False,
-        ),
-    ] = None,
+    threads: ThreadsOpt = None,
     stop_timeout: Annotated[
         float, typer.Option(help="On SIGTERM/Ctrl-C: seconds to let the item in flight finish.")
     ] = 30.0,
@@ -396,6 +391,7 @@ def plan(
     swa_full: SwaFullOpt = None,
     cache_type: CacheTypeOpt = None,
     flash_attn: FlashOpt = None,
+    threads: ThreadsOpt = None,
     gpu_total: Annotated[
         str | None,
         typer.Option(
@@ -459,6 +455,7 @@ def plan(
         cache_type=cache_type,
         flash_attn=flash_attn,
         allow_swap=allow_swap,
+        threads=threads,
     )
     settings, path, queued = _plan_target(config, flags, model, job)
     planned = plan_for(
@@ -471,7 +468,7 @@ def plan(
         use_dry_run=dry_run,
     )
     if llama_args:
-        typer.echo(llama_args_line(planned.plan, settings.threads))
+        typer.echo(llama_args_line(planned.plan, planned.threads))
     elif as_json:
         _print_json(planned.as_dict())
     else:

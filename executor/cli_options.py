@@ -65,6 +65,17 @@ ParallelOpt = Annotated[
         show_default=False,
     ),
 ]
+ThreadsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--threads",
+        "-t",
+        help="CPU threads for llama.cpp, single-token and batch steps alike: auto (one per "
+        "physical core this process may use, as llama.cpp's tools count them) or a number. "
+        "[env EXECUTOR_THREADS; default auto]",
+        show_default=False,
+    ),
+]
 GpuLayersOpt = Annotated[
     str | None,
     typer.Option(

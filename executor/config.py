@@ -144,6 +144,10 @@ def _auto_or(parse: Callable[[Any], int]) -> Callable[[Any], int | str]:
 _parallel = _auto_or(_int(1))
 
 
+def _threads(value: Any) -> int | str:
+    return "auto" if value is None else _auto_or(_int(1))(value)
+
+
 def _gpu_layers(value: Any) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
@@ -208,7 +212,12 @@ OPTIONS: dict[str, Option] = {
     "shrink_parallel_first": Option(
         _bool, False, "on OOM, halve the parallel sequences before the layers"
     ),
-    "threads": Option(_optional(_int(1)), None, "CPU threads for llama.cpp; unset = its default"),
+    "threads": Option(
+        _threads,
+        "auto",
+        "CPU threads for llama.cpp (single-token and batch steps): auto (physical cores this "
+        "process may use) or a number",
+    ),
     "batch_size": Option(
         _optional(_int(1)), None, "items claimed at a time; unset = 4 × parallel, at least 16"
     ),
@@ -253,7 +262,7 @@ class Settings:
     backoff_seconds: float
     shrink_step: float
     shrink_parallel_first: bool
-    threads: int | None
+    threads: int | str
     batch_size: int | None
     lease_seconds: int
     poll_seconds: float

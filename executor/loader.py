@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,8 +36,9 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from executor import gpu, system
+from executor import decode_rates, gpu, system
 from executor.config import Settings
+from executor.cpus import threads_for
 from executor.engine.faults import Faults
 from executor.errors import ConfigError, ModelError
 from executor.gguf_info import ModelInfo, read_model_info
@@ -49,16 +51,17 @@ from executor.plan import (
     choose_parallel,
     describe,
     make_plan,
+    most_parallel_in_ram,
     rank,
     shrink,
 )
 from executor.records import DryRun, LoadSpec
-from executor.store import Database
+from executor.store import Database, queue
 from executor.store import loads as load_store
 from executor.store.loads import ConfigKey
 from executor.store.queue import Job
 from executor.store.schema import LoadOutcome
-from executor.supervisor import Died, ModelLoadFailed, ModelProcess, dry_run
+from executor.supervisor import Died, ModelLoadFailed, ModelProcess, Spare, dry_run
 from executor.units import format_bytes, parse_cap, parse_size
 from executor.workload import DEFAULT_CTX, context_for, job_context_need
 
@@ -93,6 +96,10 @@ class PlanReport:
     dry_run_note: str = ""
     context_note: str = ""  # how the context was chosen
     ubatch_note: str = ""  # what a larger ubatch would trade
+    threads: int = 1  # CPU threads for llama.cpp
+    threads_note: str = ""  # why that many
+    parallel_note: str = ""  # how --parallel auto chose on the CPU
+    measure_parallel: tuple[int, ...] = ()  # sizes the model process measures at load
 
     def as_dict(self) -> dict[str, Any]:
         m = self.model
@@ -121,6 +128,10 @@ class PlanReport:
             "dry_run_note": self.dry_run_note,
             "context_note": self.context_note,
             "ubatch_note": self.ubatch_note,
+            "threads": self.threads,
+            "threads_note": self.threads_note,
+            "parallel_note": self.parallel_note,
+            "measure_parallel": list(self.measure_parallel),
         }
 
 
@@ -153,13 +164,18 @@ def plan_for(
     )
     n_ctx, context_note = _context(settings, db, info, job)
     base = _request(settings, device, n_ctx, 1, 512, cap, gpu_total, ram_total)
-    parallel = settings.parallel
-    if parallel == "auto":
-        parallel = choose_parallel(info, device, base)
-    n_ubatch, ubatch_note = _ubatch(settings, info, device, replace(base, parallel=parallel))
     # Hashing a 64 GB file takes minutes: plan from the cached hash (small files are hashed
     # now); the worker hashes once and caches.
     sha256 = sha256 or quick_sha256(db, path) or ""
+    threads, threads_note = threads_for(settings.threads)
+    parallel = settings.parallel
+    measure: tuple[int, ...] = ()
+    parallel_note = ""
+    if parallel == "auto":
+        parallel = choose_parallel(info, device, base)
+        if parallel is None:
+            parallel, measure, parallel_note = _cpu_parallel(db, info, base, job, sha256, threads)
+    n_ubatch, ubatch_note = _ubatch(settings, info, device, replace(base, parallel=parallel))
     key = ConfigKey(
         model_sha256=sha256,
         gpu_uuid=device.uuid if device else "cpu",
@@ -183,8 +199,10 @@ def plan_for(
     if job is not None and settings.ctx == "auto" and device is not None and n_ctx < DEFAULT_CTX:
         context_note += _what_the_context_bought(info, device, request, plan)
     report = PlanReport(
-        info, plan, key, probe, known, context_note=context_note, ubatch_note=ubatch_note
-    )
+        info, plan, key, probe, known, context_note=context_note, ubatch_note=ubatch_note,
+        threads=threads, threads_note=threads_note, parallel_note=parallel_note,
+        measure_parallel=measure,
+    )  # fmt: skip
     if gpu_total:
         return replace(
             report, dry_run_note="no dry run: the card is not in this machine (--gpu-total)"
@@ -201,6 +219,54 @@ def request_by_tensor(settings: Settings) -> bool:
 def _lowest(model: ModelInfo, by_tensor: bool, *placements: Placement | None) -> Placement | None:
     given = [p for p in placements if p is not None]
     return max(given, key=lambda p: rank(model, p, by_tensor), default=None)
+
+
+def _cpu_parallel(
+    db: Database | None,
+    info: ModelInfo,
+    single: PlanRequest,
+    job: Job | None,
+    sha256: str,
+    threads: int,
+) -> tuple[int, tuple[int, ...], str]:
+    """`--parallel auto` on the CPU: from decode rates measured on this host before, else
+    the most allowed, to be measured at load. At most the job's unfinished items (more
+    sequences would idle) and what fits in RAM. (parallel, sizes to measure, note)."""
+    most = decode_rates.SIZES[-1]
+    why = ""
+    if job is not None and db is not None:
+        (progress,) = queue.progress(db, [job])
+        left = max(1, job.item_count - progress.finished)
+        if left < most:
+            items = "item" if left == 1 else "items"
+            most, why = left, f"; at most the job's {left} unfinished {items}"
+    in_ram = most_parallel_in_ram(info, single, most)
+    if in_ram < most:
+        most, why = in_ram, f"; at most {in_ram}, whose KV cache fits in RAM"
+    rates = (
+        load_store.decode_rates_for(db, sha256, socket.gethostname(), threads)
+        if db is not None and sha256
+        else {}
+    )
+    if rates:
+        n = decode_rates.pick_parallel(rates, most)
+        return (
+            n,
+            (),
+            (
+                f"parallel {n}: the fewest sequences within {decode_rates.WITHIN:.0%} of the best "
+                f"decode rate measured on this host ({decode_rates.describe(rates)}){why}"
+            ),
+        )
+    return (
+        most,
+        decode_rates.candidates(most),
+        (
+            f"parallel up to {most}: decode rates are measured when the model loads (once per "
+            f"model, host and thread count) and the fewest sequences within "
+            f"{decode_rates.WITHIN:.0%} of the best are used{why}"
+        ),
+    )
 
 
 def _device(
@@ -457,6 +523,7 @@ class ModelLoader:
         self.processes = 0
         # Per configuration: the most allowed after an OOM in this run.
         self.ceilings: dict[ConfigKey, Placement] = {}
+        self._spare: Spare | None = None  # a model process started ahead of its plan
 
     def load(
         self, model_path: str, overrides: dict[str, Any] | None = None, job: Job | None = None
@@ -470,6 +537,25 @@ class ModelLoader:
         check_gguf(path)
         sha = model_sha256(self.db, path)
         check_default_hash(path, sha)
+        # The model process starts (Python, llama.cpp's import) while the prompts are
+        # counted and the plan made; it is killed if nothing comes of it.
+        _, device = _device(settings, self.nvml, None)
+        self._spare = Spare(self.log_path, settings.engine, device.uuid if device else None)
+        try:
+            return self._load(settings, path, sha, overrides, job)
+        finally:
+            if self._spare is not None:
+                self._spare.kill()
+                self._spare = None
+
+    def _load(
+        self,
+        settings: Settings,
+        path: Path,
+        sha: str,
+        overrides: dict[str, Any] | None,
+        job: Job | None,
+    ) -> Loaded:
         report = plan_for(settings, self.db, path, job=job, nvml=self.nvml, sha256=sha)
         report = self._under_ceiling(settings, report, job, sha)
         plan = report.plan
@@ -479,7 +565,7 @@ class ModelLoader:
                 hint="less in RAM (a larger --vram-cap), a smaller --ctx, or --allow-swap "
                 "to run anyway; then `executor retry JOB`",
             )
-        for note in (report.context_note, report.ubatch_note, *plan.notes):
+        for note in (report.context_note, report.parallel_note, report.ubatch_note, *plan.notes):
             if note:
                 log.info("plan: %s", note)
         state = _Attempt(plan.placement, plan.request.parallel)
@@ -538,13 +624,16 @@ class ModelLoader:
             plan=plan.as_dict(),
         )
         spec = load_spec(settings, plan, str(path), device.uuid if device else None)
+        if report.measure_parallel and plan.n_gpu_layers == 0:
+            spec = replace(spec, measure_parallel=report.measure_parallel)
         self.processes += 1
         weights = plan.gpu.layer_weights + plan.gpu.output_layer
         faults = replace(self.faults, process_number=self.processes, gpu_weights=weights)
-        proc = ModelProcess(spec, self.log_path, faults)
+        proc = ModelProcess(spec, self.log_path, faults, spare=self._spare)
+        self._spare = None
         log.info(
             "loading %s with %d of %d layers on the GPU%s (predicted %s; cap %s; ctx %d × %d; "
-            "log %s)",
+            "%d threads: %s; log %s)",
             path.name,
             plan.n_gpu_layers,
             plan.max_layers,
@@ -553,6 +642,8 @@ class ModelLoader:
             format_bytes(plan.cap),
             plan.request.n_ctx,
             plan.request.parallel,
+            spec.n_threads,
+            report.threads_note,
             self.log_path,
             extra={"layers": plan.n_gpu_layers},
         )
@@ -617,6 +708,7 @@ class ModelLoader:
                     if not self._shrink(state, report, plan, cause, over=measured - plan.cap):
                         raise ModelError(f"model {path}: {cause}, even with nothing on the GPU")
                     raise _Retry(cause)
+        plan, key = self._measured_parallel(proc, report.model, plan, key, load_id, sha)
         load_store.update_load(self.db, load_id, outcome=LoadOutcome.LOADED)
         load_store.remember_placement(self.db, key, plan.placement.as_dict())
         if not proc.info.get("gpu_offload_supported", True) and plan.n_gpu_layers:
@@ -625,6 +717,37 @@ class ModelLoader:
                 "on the CPU (build it with CUDA: make setup GPU=cuda)"
             )
         return Loaded(proc, load_id, report, plan, key, str(path), sha)
+
+    def _measured_parallel(
+        self,
+        proc: ModelProcess,
+        model: ModelInfo,
+        plan: Plan,
+        key: ConfigKey,
+        load_id: int,
+        sha: str,
+    ) -> tuple[Plan, ConfigKey]:
+        """Keep the decode rates a CPU load measured, and plan at the parallel it picked."""
+        rates = {int(n): float(r) for n, r in (proc.info.get("decode_rates") or {}).items()}
+        if not rates:
+            return plan, key
+        threads = proc.spec.n_threads or threads_for("auto")[0]
+        if sha:
+            load_store.remember_decode_rates(self.db, sha, socket.gethostname(), threads, rates)
+        picked = int(proc.info.get("parallel", plan.request.parallel))
+        log.info(
+            "parallel %d: the fewest sequences within %.0f%% of the best decode rate measured "
+            "now with %d threads (%s)",
+            picked,
+            decode_rates.WITHIN * 100,
+            threads,
+            decode_rates.describe(rates),
+        )
+        if picked == plan.request.parallel:
+            return plan, key
+        load_store.update_load(self.db, load_id, parallel=picked)
+        plan = make_plan(model, plan.device, replace(plan.request, parallel=picked))
+        return plan, replace(key, parallel=picked)
 
     def crashed(self, loaded: Loaded, died: Died) -> None:
         """The model process died while generating: record it; on OOM lower the ceiling and

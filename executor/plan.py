@@ -641,18 +641,18 @@ def _shrink_once(model: ModelInfo, p: Placement, step: float, by_tensor: bool) -
 # Measured on 2 CPU cores with the default model (benchmarks/throughput.py): completion
 # tokens/s 61, 91, 114 and 125 at parallel 1, 2, 4 and 8. Past 8 the gain flattens while each
 # sequence adds a whole context of KV cache.
-CPU_PARALLEL = 8
 GPU_PARALLEL_CHOICES = (16, 8, 4, 2)
 
 
-def choose_parallel(info: ModelInfo, device: Device | None, single: PlanRequest) -> int:
-    """`--parallel auto`: on the CPU a fixed 8; on a GPU the most sequences whose KV cache
-    fits under the cap without moving a single layer or expert block off the GPU."""
+def choose_parallel(info: ModelInfo, device: Device | None, single: PlanRequest) -> int | None:
+    """`--parallel auto` on a GPU: the most sequences whose KV cache fits under the cap
+    without moving a single layer or expert block off the GPU. None when the model runs on
+    the CPU: there the choice is measured (executor.decode_rates)."""
     if device is None:
-        return CPU_PARALLEL
+        return None
     base = make_plan(info, device, single)
     if base.n_gpu_layers == 0:
-        return CPU_PARALLEL
+        return None
     by_tensor = base.by_tensor
     here = rank(info, base.placement, by_tensor)
     for parallel in GPU_PARALLEL_CHOICES:
@@ -660,6 +660,14 @@ def choose_parallel(info: ModelInfo, device: Device | None, single: PlanRequest)
         if rank(info, plan.placement, by_tensor) <= here and plan.fits:
             return parallel
     return 1
+
+
+def most_parallel_in_ram(info: ModelInfo, single: PlanRequest, most: int) -> int:
+    """The most sequences (≤ `most`) whose KV cache and buffers still fit in RAM."""
+    n = most
+    while n > 1 and not make_plan(info, None, replace(single, parallel=n)).ram_ok:
+        n //= 2
+    return n
 
 
 def llama_args(plan: Plan, threads: int | None = None) -> list[str]:

@@ -3,16 +3,22 @@ the messages on the pipe. Plain frozen dataclasses, imported by both sides; noth
 imports the store or llama.cpp, so the model process stays free of SQLAlchemy.
 
 Pipe messages, in order of a model process's life:
+  parent → child  Load(spec, faults) (the process is spawned first, while the parent plans)
   child → parent  Ready(info) | LoadFailed(reason)
-  parent → child  Batch(requests), then Drop(item_ids) or Stop() at any time
+  parent → child  Batch(requests, number), then at any time more Batch (appended to the
+                  queue while the first runs: slots never drain between batches),
+                  Drop(item_ids) or Stop()
   child → parent  ItemStarted(id), Progress() now and then, ItemDone(id, record) |
-                  ItemFailed(id, reason), BatchDone()
+                  ItemFailed(id, reason), BatchDone(number) when idle: every batch up to
+                  `number` is through
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from executor.cpus import threads_for
 
 if TYPE_CHECKING:
     from executor.config import Settings
@@ -46,7 +52,7 @@ class LoadSpec:
     n_gpu_layers: int
     n_threads: int | None = None
     seed: int = 0
-    parallel: int = 1
+    parallel: int = 1  # sequences; with measure_parallel, the most the engine may pick
     n_batch: int = 512
     n_ubatch: int = 512
     flash_attn: bool = False
@@ -57,6 +63,9 @@ class LoadSpec:
     # llama.cpp's -ot rules, in order (the first match decides): (regex, buffer type name)
     tensor_overrides: tuple[tuple[str, str], ...] = ()
     gpu_uuid: str | None = None  # the one GPU the model process may see
+    # Measure decode rates at these sizes after loading and pick the parallel from them
+    # (--parallel auto on the CPU, the first load on this host); empty: use `parallel`.
+    measure_parallel: tuple[int, ...] = ()
 
     @classmethod
     def from_settings(
@@ -72,6 +81,7 @@ class LoadSpec:
         swa_full: bool,
         tensor_overrides: tuple[tuple[str, str], ...] = (),
         gpu_uuid: str | None = None,
+        measure_parallel: tuple[int, ...] = (),
     ) -> LoadSpec:
         """The load of a plan: its context, layers, rules and batch; the rest from settings."""
         return cls(
@@ -79,7 +89,7 @@ class LoadSpec:
             model_path=model_path,
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
-            n_threads=settings.threads,
+            n_threads=threads_for(settings.threads)[0],
             seed=settings.seed,
             parallel=parallel,
             n_batch=max(settings.n_batch, n_ubatch),
@@ -90,6 +100,7 @@ class LoadSpec:
             swa_full=swa_full,
             tensor_overrides=tensor_overrides,
             gpu_uuid=gpu_uuid,
+            measure_parallel=measure_parallel,
         )
 
 
@@ -193,6 +204,12 @@ class DryRun:
 
 
 @dataclass(frozen=True)
+class Load:
+    spec: LoadSpec
+    faults: Any = None  # executor.engine.faults.Faults (the engine's own test hooks)
+
+
+@dataclass(frozen=True)
 class Ready:
     info: dict[str, Any]
 
@@ -205,6 +222,7 @@ class LoadFailed:
 @dataclass(frozen=True)
 class Batch:
     requests: list[GenerationRequest]
+    number: int = 1  # counts up over a model process's life
 
 
 @dataclass(frozen=True)
@@ -244,4 +262,6 @@ class Progress:
 
 @dataclass(frozen=True)
 class BatchDone:
-    pass
+    """The model process is idle: every batch up to `number` is generated (or dropped)."""
+
+    number: int = 1

@@ -99,6 +99,7 @@ def format_plan(report: PlanReport) -> str:
         f"KV {r.cache_type_k}{', full-size SWA' if r.swa_full and m.n_swa else ''}, "
         f"flash attention {'on' if r.flash_attn else 'off'}, ubatch {plan.n_ubatch}"
     )
+    lines.append(f"threads   {report.threads} ({report.threads_note})")
     where = (
         f"the output layer + last {plan.gpu_blocks} blocks"
         if plan.n_gpu_layers
@@ -146,7 +147,8 @@ def format_plan(report: PlanReport) -> str:
         )
     if report.dry_run_note:
         lines.append(report.dry_run_note)
-    lines += [f"note      {n}" for n in (report.context_note, report.ubatch_note) if n]
+    notes = (report.context_note, report.parallel_note, report.ubatch_note)
+    lines += [f"note      {n}" for n in notes if n]
     lines += [f"note      {n}" for n in plan.notes]
     return "\n".join(lines)
 

@@ -30,6 +30,7 @@ from executor.records import (
     ItemDone,
     ItemFailed,
     ItemStarted,
+    Load,
     LoadSpec,
     Progress,
     Ready,
@@ -76,56 +77,108 @@ def _kill_leftovers() -> None:
     wait forever. Registered after multiprocessing's handler, so it runs first."""
     for proc in list(_LIVE):
         proc.kill()
+    for spare in list(_SPARES):
+        spare.kill()
+
+
+class Spare:
+    """A model process spawned before its load spec is known: Python starts and llama.cpp is
+    imported while the parent counts prompts and plans (a plain loop pays these once too; we
+    no longer pay them one after the other)."""
+
+    def __init__(self, log_path: Path, engine: str, gpu_uuid: str | None) -> None:
+        self.log_path = log_path
+        self.engine = engine
+        self.gpu_uuid = gpu_uuid
+        self.log_offset = _start_log(log_path)
+        # spawn, not fork: the parent holds SQLite connections and threads that must not be
+        # copied, and the child starts with a clean CUDA state.
+        ctx = mp.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.process: mp.process.BaseProcess = ctx.Process(
+            target=child_main,
+            args=(child_conn, str(log_path), engine, gpu_uuid),
+            name="executor-model",
+            daemon=True,
+        )
+        self.process.start()
+        _SPARES.add(self)
+        child_conn.close()
+
+    def fits(self, spec: LoadSpec, log_path: Path) -> bool:
+        """Whether this spare can load `spec` (same engine, GPU and log)."""
+        wanted = (spec.engine, spec.gpu_uuid, log_path)
+        return self.process.is_alive() and wanted == (self.engine, self.gpu_uuid, self.log_path)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+        _SPARES.discard(self)
+
+
+_SPARES: weakref.WeakSet[Spare] = weakref.WeakSet()
+
+
+def _start_log(log_path: Path) -> int:
+    """Rotate the engine log if large, mark a new process in it; the offset where its lines
+    start. DiskError if it cannot be written."""
+    try:
+        _rotate(log_path)
+        private_dir(log_path.parent)
+        with open(log_path, "a", encoding="utf-8") as engine_log:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            engine_log.write(f"--- {stamp} starting a model process\n")
+        return log_path.stat().st_size
+    except OSError as exc:
+        full = exc.errno == errno.ENOSPC
+        raise DiskError(
+            f"cannot write the model process's log {log_path} ("
+            + ("the disk is full" if full else exc.strerror or str(exc))
+            + ")",
+            hint="free space there, or point XDG_STATE_HOME elsewhere; no item was "
+            "started, all stay queued",
+        ) from None
 
 
 class ModelProcess:
     """One child process holding one loaded model."""
 
-    def __init__(self, spec: LoadSpec, log_path: Path, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        spec: LoadSpec,
+        log_path: Path,
+        faults: Faults | None = None,
+        *,
+        spare: Spare | None = None,
+    ) -> None:
         self.spec = spec
         self.log_path = log_path
         self.faults = faults or Faults()
         self.info: dict[str, Any] = {}
+        self._spare = spare if spare is not None and spare.fits(spec, log_path) else None
+        if spare is not None and self._spare is None:
+            spare.kill()
         self._process: mp.process.BaseProcess | None = None
         self._conn: Any = None
         self._log_offset = 0
+        self._batches = 0  # Batch messages sent
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
     def start(self, *, abort: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-        """Spawn the process and wait until the model is loaded; raise ModelLoadFailed if not."""
-        try:
-            _rotate(self.log_path)
-            private_dir(self.log_path.parent)
-            with open(self.log_path, "a", encoding="utf-8") as engine_log:
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-                engine_log.write(f"--- {stamp} starting a model process\n")
-        except OSError as exc:
-            full = exc.errno == errno.ENOSPC
-            raise DiskError(
-                f"cannot write the model process's log {self.log_path} ("
-                + ("the disk is full" if full else exc.strerror or str(exc))
-                + ")",
-                hint="free space there, or point XDG_STATE_HOME elsewhere; no item was "
-                "started, all stay queued",
-            ) from None
-        self._log_offset = self.log_path.stat().st_size
-        # spawn, not fork: the parent holds SQLite connections and threads that must not be
-        # copied, and the child starts with a clean CUDA state.
-        ctx = mp.get_context("spawn")
-        parent_conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(
-            target=child_main,
-            args=(child_conn, self.spec, str(self.log_path), self.faults),
-            name="executor-model",
-            daemon=True,
-        )
-        self._process.start()
+        """Load the model in the spare process (or a new one) and wait until it is loaded;
+        raise ModelLoadFailed if not."""
+        spare = self._spare or Spare(self.log_path, self.spec.engine, self.spec.gpu_uuid)
+        self._spare = None
+        _SPARES.discard(spare)
+        self._process, self._conn, self._log_offset = spare.process, spare.conn, spare.log_offset
         _LIVE.add(self)
-        child_conn.close()
-        self._conn = parent_conn
+        with suppress(OSError):  # if it died already, the wait below says how
+            self._conn.send(Load(self.spec, self.faults))
         started = time.monotonic()
         while True:
             ready = wait([self._conn, self._process.sentinel], timeout=0.5)
@@ -160,13 +213,12 @@ class ModelProcess:
         tick_seconds: float = 1.0,
         stall_seconds: float | None = None,
     ) -> Iterator[Event]:
-        """Send a batch; yield what happens until the batch is done or the process dies.
-        A process that sends nothing for `stall_seconds` (it reports progress every second
-        while it decodes) is hung: it is killed and reported as dead."""
+        """Send a batch; yield what happens until it and every batch `extend` adds meanwhile
+        are done, or the process dies. A process that sends nothing for `stall_seconds` (it
+        reports progress every second while it decodes) is hung: it is killed and reported
+        as dead."""
         assert self._process is not None and self._conn is not None
-        try:
-            self._conn.send(Batch(requests))
-        except (BrokenPipeError, OSError):
+        if not self.extend(requests):
             yield self._died()
             return
         heard = time.monotonic()
@@ -192,13 +244,27 @@ class ModelProcess:
                 heard = time.monotonic()
                 if isinstance(message, Progress):
                     continue
-                yield message
                 if isinstance(message, BatchDone):
+                    if message.number < self._batches:
+                        continue  # idle a moment before the next batch arrived: it runs now
+                    yield message
                     return
+                yield message
                 continue
             # The sentinel fired and no message is pending: the process is gone.
             yield self._died()
             return
+
+    def extend(self, requests: list[GenerationRequest]) -> bool:
+        """Queue more requests behind those in flight (during `run`); False if the process
+        is gone."""
+        assert self._conn is not None
+        self._batches += 1
+        try:
+            self._conn.send(Batch(requests, self._batches))
+        except (BrokenPipeError, OSError):
+            return False
+        return True
 
     def drop(self, item_ids: list[int]) -> None:
         """Tell the process to skip these items of the current batch (not yet started)."""

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -219,6 +220,7 @@ class Worker:
                 suspects=True,
                 lease_seconds=self.settings.lease_seconds,
             )
+            refill = 0 if batch else limit  # a suspect runs alone: nothing is added to it
             if not batch:
                 batch = queue.claim(
                     self.db,
@@ -229,21 +231,34 @@ class Worker:
                 )
             if batch:
                 self._begin_job(job)
-                self._run_batch(job, batch)
+                self._run_batch(job, batch, refill=refill)
 
-    def _run_batch(self, job: Job, batch: list[ClaimedItem]) -> None:
+    def _run_batch(self, job: Job, batch: list[ClaimedItem], *, refill: int = 0) -> None:
+        """Generate a claimed batch. With `refill`, claim up to that many more of the job's
+        items whenever fewer than `parallel` wait in the model process, and queue them
+        behind the ones in flight: the slots never drain between batches (a batch's last
+        steps would otherwise run with few sequences, while items wait in the queue)."""
         assert self.loaded is not None
         loaded = self.loaded
-        requests = [
-            GenerationRequest.build(i.id, i.custom_id, i.request, job.params) for i in batch
-        ]
-        params = {r.item_id: r.params for r in requests}
-        pending = {item.id for item in batch}  # claimed, no outcome yet
+        params: dict[int, dict[str, Any]] = {}
+        pending: set[int] = set()  # claimed, no outcome yet
         in_flight: set[int] = set()  # started in the model process
+
+        def requests_for(claimed: list[ClaimedItem]) -> list[GenerationRequest]:
+            built = [
+                GenerationRequest.build(i.id, i.custom_id, i.request, job.params) for i in claimed
+            ]
+            params.update((r.item_id, r.params) for r in built)
+            pending.update(i.id for i in claimed)
+            return built
+
         heartbeat_every = self.settings.lease_seconds / 3
         last_heartbeat = time.monotonic()
         stop_deadline: float | None = None
-        for event in loaded.proc.run(requests, stall_seconds=self.settings.stall_seconds):
+        events = loaded.proc.run(requests_for(batch), stall_seconds=self.settings.stall_seconds)
+        for event in events:
+            if refill and stop_deadline is None and len(pending - in_flight) < loaded.parallel:
+                refill = self._top_up(job, refill, pending, requests_for)
             if isinstance(event, ItemStarted):
                 in_flight.add(event.item_id)
             elif isinstance(event, ItemDone):
@@ -294,6 +309,29 @@ class Worker:
                 last_heartbeat = time.monotonic()
         # Whatever the model process skipped (dropped items) goes back to the queue.
         self._release(pending, pending)
+
+    def _top_up(
+        self,
+        job: Job,
+        limit: int,
+        pending: set[int],
+        requests_for: Callable[[list[ClaimedItem]], list[GenerationRequest]],
+    ) -> int:
+        """Claim more of the job's items and queue them in the model process; the refill
+        limit for next time (0 once the job has nothing left to claim)."""
+        assert self.loaded is not None
+        if self.options.max_items is not None:
+            limit = min(limit, self.options.max_items - self._finished() - len(pending))
+        if limit <= 0 or self.stopping:
+            return 0
+        more = queue.claim(
+            self.db, job.id, limit=limit, owner=self.id, lease_seconds=self.settings.lease_seconds
+        )
+        if not more:
+            return 0
+        if not self.loaded.proc.extend(requests_for(more)):
+            return 0  # the process is gone: run() reports it, the items are released
+        return limit
 
     def _housekeeping(self) -> None:
         """Every third of a lease: heartbeat in the registry, and return expired leases of

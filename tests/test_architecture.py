@@ -70,7 +70,9 @@ def test_sql_lives_in_the_store(path):
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "engine").glob("*.py")), ids=str)
 def test_the_engine_imports_no_service(path):
-    allowed = {"executor.engine", "executor.records"}
+    """The model process loads what crosses the pipe and two pure helpers (stdlib only):
+    how many threads, and how to pick the parallel from measured rates."""
+    allowed = {"executor.engine", "executor.records", "executor.cpus", "executor.decode_rates"}
     ours = {m for m in imports_of(path) if m.startswith("executor")}
     assert all(m in allowed or m.startswith("executor.engine.") for m in ours), ours
 
@@ -78,4 +80,12 @@ def test_the_engine_imports_no_service(path):
 def test_the_worker_knows_no_screen():
     assert not {
         m for m in imports_of(PACKAGE / "worker.py") if m in ("executor.progress", "executor.logs")
+    }
+
+
+@pytest.mark.parametrize("name", ["cpus.py", "decode_rates.py", "records.py"])
+def test_what_the_model_process_shares_imports_no_service(name):
+    assert not {m for m in imports_of(PACKAGE / name) if m.startswith("executor")} - {
+        "executor.cpus",
+        "executor.config",  # records: a type-checking import only
     }

@@ -182,6 +182,9 @@ def test_shared_system_prompt_is_computed_once(default_model):
 
         def progress(self): ...
 
+        def more(self):
+            return []
+
     try:
         prefix = len(engine.prompter.prompt_tokens(requests[0])[0]) - 20
         engine.run_batch(requests, Sink())

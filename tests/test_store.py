@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 
 from executor.records import ResultRecord
 from executor.store import Database, open_database, queue
-from executor.store.db import head_revision
+from executor.store.db import HEAD_REVISION, head_revision
 from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus, JobStatus, items, metadata, utcnow
 
@@ -39,7 +39,7 @@ def make_job(db: Database, n: int = 3, fingerprint: str = "f" * 64, **fields) ->
 
 def test_blank_database_upgraded_to_head_matches_the_models(tmp_path: Path):
     db = open_database(f"sqlite:///{tmp_path / 'blank.db'}")
-    assert db.revision() == head_revision()
+    assert db.revision() == head_revision() == HEAD_REVISION
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []

@@ -38,6 +38,11 @@ class BatchSink(Protocol):
         """Items of the batch not to start (the parent released them)."""
         ...
 
+    def more(self) -> list[GenerationRequest]:
+        """Requests the parent sent since the last call, to queue behind the batch's: the
+        parent tops the queue up before it drains, so slots stay full."""
+        ...
+
     def progress(self) -> None:
         """Called after every decode step: the model is alive."""
         ...
@@ -49,7 +54,8 @@ class Engine(Protocol):
     """A loaded model that generates a batch of requests, several at a time if it can."""
 
     def run_batch(self, requests: list[GenerationRequest], sink: BatchSink) -> None:
-        """Generate every request not dropped, reporting each through `sink` as it ends."""
+        """Generate every request not dropped, and those `sink.more()` adds, reporting each
+        through `sink` as it ends; return when none is left."""
         ...
 
     def describe(self) -> dict[str, Any]:

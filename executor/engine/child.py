@@ -18,14 +18,15 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from executor.engine import Engine, LoadError, create_engine
-from executor.engine.faults import Faults
 from executor.records import (
     Batch,
     BatchDone,
     Drop,
+    GenerationRequest,
     ItemDone,
     ItemFailed,
     ItemStarted,
+    Load,
     LoadFailed,
     LoadSpec,
     Progress,
@@ -37,20 +38,31 @@ from executor.records import (
 PR_SET_PDEATHSIG = 1
 
 
-def main(conn: Connection, spec: LoadSpec, log_path: str, faults: Faults | None = None) -> None:
-    """Entry point of the spawned model process."""
+def main(conn: Connection, log_path: str, engine_name: str, gpu_uuid: str | None) -> None:
+    """Entry point of the spawned model process: imports its engine at once, then waits for
+    the Load message (the parent plans meanwhile: the start-up costs overlap)."""
     _redirect_output(log_path)
+    if gpu_uuid and gpu_uuid != "planned":
+        # CUDA then sees only this worker's GPU (UUIDs avoid CUDA/NVML index mismatches);
+        # set before llama.cpp is imported, so before CUDA can initialise.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_uuid
     # Signals are the parent's business: Ctrl-C on a terminal and systemd's SIGTERM reach the
     # whole process group, but stopping (finish or release the item in flight) is decided there.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
-    if spec.gpu_uuid and spec.gpu_uuid != "planned":
-        # CUDA then sees only this worker's GPU (UUIDs avoid CUDA/NVML index mismatches).
-        os.environ["CUDA_VISIBLE_DEVICES"] = spec.gpu_uuid
+    if engine_name == "llama":
+        import executor.engine.llama  # noqa: F401 - llama.cpp's import, before the spec comes
+    try:
+        message = conn.recv()
+    except (EOFError, OSError):
+        return  # not needed after all
+    if not isinstance(message, Load):
+        return
+    spec = message.spec
     print(f"executor model process {os.getpid()}: loading {spec}", file=sys.stderr, flush=True)
     try:
-        engine = create_engine(spec, faults)
+        engine = create_engine(spec, message.faults)
     except LoadError as exc:
         conn.send(LoadFailed(str(exc)))
         return
@@ -72,20 +84,22 @@ def _serve(conn: Connection, engine: Engine) -> None:
         if isinstance(message, Stop):
             return
         if isinstance(message, Batch):
-            sink = _PipeSink(conn)
+            sink = _PipeSink(conn, message.number)
             engine.run_batch(message.requests, sink)
             if sink.stop:
                 return
-            conn.send(BatchDone())
+            conn.send(BatchDone(sink.last_batch))
 
 
 class _PipeSink:
     """Reports to the parent over the pipe; reads its drops and stops between steps."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, batch: int) -> None:
         self.conn = conn
         self.drops: set[int] = set()
         self.stop = False
+        self.last_batch = batch  # the newest batch whose requests the engine has
+        self._incoming: list[GenerationRequest] = []
         self._told = time.monotonic()
 
     def progress(self) -> None:
@@ -110,6 +124,9 @@ class _PipeSink:
                 self.drops.update(message.item_ids)
             elif isinstance(message, Stop):
                 self.stop = True
+            elif isinstance(message, Batch):
+                self._incoming.extend(message.requests)
+                self.last_batch = message.number
 
     def dropped(self) -> set[int]:
         self._read()
@@ -118,6 +135,11 @@ class _PipeSink:
     def stop_requested(self) -> bool:
         self._read()
         return self.stop
+
+    def more(self) -> list[GenerationRequest]:
+        self._read()
+        incoming, self._incoming = self._incoming, []
+        return incoming
 
 
 def dry_run_main(conn: Connection, spec: LoadSpec | None, allocate: bool = False) -> None:

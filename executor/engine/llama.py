@@ -9,6 +9,7 @@ import os
 import re
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import llama_cpp
@@ -16,6 +17,8 @@ from llama_cpp import _logger as llama_logger
 from llama_cpp._logger import set_verbose
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from executor.cpus import threads_for
+from executor.decode_rates import FLAT, pick_parallel
 from executor.engine import BatchSink, ItemError, LoadError
 from executor.engine.faults import Faults
 from executor.engine.prompts import Prompter
@@ -48,6 +51,11 @@ class LlamaEngine:
         self.model = llama_cpp.llama_model_load_from_file(spec.model_path.encode(), mparams)
         if not self.model:
             raise LoadError(f"Failed to load model from file: {spec.model_path}")
+        self.decode_rates: dict[int, float] = {}
+        if spec.measure_parallel:
+            self.decode_rates = measure_decode_rates(self.model, spec, spec.measure_parallel)
+            picked = pick_parallel(self.decode_rates) if self.decode_rates else spec.parallel
+            spec = self.spec = replace(spec, parallel=picked, measure_parallel=())
         cparams = context_params(spec)
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -85,11 +93,14 @@ class LlamaEngine:
             if sink.stop_requested():
                 return
             dropped = sink.dropped()
+            waiting.extend(sink.more())
             for slot in self.slots:
                 while slot.request is None and waiting and not self._wait_for_prefix(waiting[0]):
                     request = waiting.popleft()
                     if request.item_id not in dropped:
                         self._admit(slot, request, sink)
+            if not waiting:
+                self._compact()
             live = [slot for slot in self.slots if slot.request is not None]
             if not live:
                 return
@@ -153,6 +164,21 @@ class LlamaEngine:
             default=0,
         )
         return coming - cached >= MIN_SHARED_PREFIX
+
+    def _compact(self) -> None:
+        """Keep the live sequences on the lowest seq ids. With a KV stream per sequence,
+        llama.cpp puts only consecutive seq ids in one ubatch: live sequences 0, 1, 3 cost
+        two passes over the weights per step instead of one. While requests wait, freed slots
+        are refilled at once; in a batch's last steps the highest live sequence moves into
+        the lowest free slot instead (a copy of one stream, against a pass per step)."""
+        while True:
+            free = next((s for s in self.slots if s.request is None), None)
+            last = next((s for s in reversed(self.slots) if s.request is not None), None)
+            if free is None or last is None or free.seq_id > last.seq_id:
+                return
+            llama_cpp.llama_memory_seq_rm(self.memory, free.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.memory, last.seq_id, free.seq_id, -1, -1)
+            free.take_over(last)
 
     def _reuse_prefix(self, slot: _Slot, tokens: list[int]) -> int:
         """Keep or copy the longest cached prefix of `tokens`; return how many are cached."""
@@ -269,6 +295,7 @@ class LlamaEngine:
             "parallel": self.spec.parallel,
             "n_gpu_layers": self.spec.n_gpu_layers,
             "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+            "decode_rates": {n: round(r, 1) for n, r in self.decode_rates.items()},
         }
 
     def close(self) -> None:
@@ -321,6 +348,17 @@ class _Slot:
         self.started_at = time.perf_counter()
         self.first_token_at = None
 
+    def take_over(self, other: _Slot) -> None:
+        """Continue `other`'s sequence here (its KV stream was copied into ours); `other`
+        is free after, its cells still holding the same tokens (a prefix to reuse)."""
+        for name, value in vars(other).items():
+            if name != "seq_id":
+                setattr(self, name, value)
+        self.cached = list(other.cached)
+        other.sampler = None  # ours now
+        other.request = None
+        other.pending = []
+
     def finish(self) -> None:
         """Free the slot for the next request; its KV cells stay for prefix reuse."""
         if self.sampler is not None:
@@ -370,16 +408,17 @@ def model_params(spec: LoadSpec) -> tuple[Any, Any]:
 
 def context_params(spec: LoadSpec) -> Any:
     """llama.cpp context parameters for a spec (the engine and the dry run use the same)."""
-    cores = os.cpu_count() or 1
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = spec.n_ctx * spec.parallel
     cparams.n_seq_max = spec.parallel
     cparams.kv_unified = False  # one stream per sequence (see LlamaEngine)
     cparams.n_batch = spec.n_batch
     cparams.n_ubatch = spec.n_ubatch
-    # llama-cpp-python's defaults: half the cores for single-token steps, all for batches.
-    cparams.n_threads = spec.n_threads or max(cores // 2, 1)
-    cparams.n_threads_batch = spec.n_threads or cores
+    # One thread per physical core for both kinds of step, as llama.cpp's own tools do
+    # (llama-cpp-python's cpu_count // 2 for single-token steps idles half of a VM's cores).
+    threads = spec.n_threads or threads_for("auto")[0]
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
     cparams.flash_attn_type = 1 if spec.flash_attn else 0
     cparams.swa_full = spec.swa_full
     cparams.type_k = GGML_TYPES[spec.cache_type_k]
@@ -389,6 +428,63 @@ def context_params(spec: LoadSpec) -> Any:
     cparams.op_offload = spec.op_offload and spec.n_gpu_layers != 0
     cparams.no_perf = True
     return cparams
+
+
+MEASURE_PROMPT = 64  # tokens in each measured sequence's cache (a short chat prompt)
+
+
+def measure_decode_rates(model: Any, spec: LoadSpec, sizes: tuple[int, ...]) -> dict[int, float]:
+    """Tokens per second of one decode step with n sequences generating, for each n in
+    `sizes` (see executor.decode_rates): a throwaway context with a KV stream per sequence
+    as the real one has, a 64-token prompt decoded once (it also pages the weights in) and
+    copied to every sequence, then the fastest of three steps per size. Stops early once
+    doubling the sequences gains under 2 %. Empty if llama.cpp cannot make the context."""
+    most = max(sizes)
+    cparams = context_params(
+        replace(spec, n_ctx=256, parallel=most, n_batch=max(most, MEASURE_PROMPT))
+    )
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        return {}
+    batch = llama_cpp.llama_batch_init(max(most, MEASURE_PROMPT), 0, most)
+    memory = llama_cpp.llama_get_memory(ctx)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+
+    def decode(entries: list[tuple[int, int]]) -> float:
+        batch.n_tokens = 0
+        for i, (seq, pos) in enumerate(entries):
+            batch.token[i] = (pos * 7919 + 11) % n_vocab  # any tokens: the cost is the same
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = True
+            batch.n_tokens = i + 1
+        started = time.perf_counter()
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed while measuring")
+        return time.perf_counter() - started
+
+    rates: dict[int, float] = {}
+    try:
+        decode([(0, pos) for pos in range(MEASURE_PROMPT)])
+        for seq in range(1, most):
+            llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+        for n in sorted(sizes):
+            fastest = min(
+                decode([(seq, MEASURE_PROMPT + rep) for seq in range(n)]) for rep in range(3)
+            )
+            for seq in range(n):
+                llama_cpp.llama_memory_seq_rm(memory, seq, MEASURE_PROMPT, -1)
+            rates[n] = n / fastest
+            before = max((m for m in rates if m < n), default=None)
+            if before is not None and rates[n] < rates[before] * FLAT:
+                break  # compute-bound: more sequences would only add memory
+    except RuntimeError:
+        pass  # what was measured so far still counts
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    return rates
 
 
 def _sampler(request: GenerationRequest, vocab: Any) -> Any:

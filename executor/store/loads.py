@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from executor.store.db import Database
-from executor.store.schema import LoadOutcome, known_configs, loads, utcnow
+from executor.store.schema import LoadOutcome, decode_rates, known_configs, loads, utcnow
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,14 @@ def update_load(
     outcome: LoadOutcome | None = None,
     cause: str | None = None,
     measured_vram: int | None = None,
+    parallel: int | None = None,
     ended: bool = False,
 ) -> None:
-    """Record what happened to a load: measured VRAM, outcome and cause, end time."""
+    """Record what happened to a load: measured VRAM, outcome and cause, the parallel the
+    model process picked (measured decode rates), end time."""
     values: dict[str, Any] = {}
+    if parallel is not None:
+        values["parallel"] = parallel
     if outcome is not None:
         values["outcome"] = outcome
     if cause is not None:
@@ -138,3 +142,38 @@ def measured_excess(db: Database, key: ConfigKey) -> int:
     if row is None:
         return 0
     return max(row.measured_vram - row.predicted_vram, 0)
+
+
+def decode_rates_for(db: Database, model_sha256: str, host: str, threads: int) -> dict[int, float]:
+    """Decode rates measured before for this model on this host with this many threads."""
+    with db.read() as conn:
+        row = conn.execute(
+            sa.select(decode_rates.c.rates).where(
+                decode_rates.c.model_sha256 == model_sha256,
+                decode_rates.c.host == host,
+                decode_rates.c.threads == threads,
+            )
+        ).first()
+    return {int(n): float(r) for n, r in row.rates.items()} if row else {}
+
+
+def remember_decode_rates(
+    db: Database, model_sha256: str, host: str, threads: int, rates: dict[int, float]
+) -> None:
+    """Keep what a load measured (replacing an older measurement)."""
+    key = (
+        decode_rates.c.model_sha256 == model_sha256,
+        decode_rates.c.host == host,
+        decode_rates.c.threads == threads,
+    )
+    with db.write() as conn:
+        conn.execute(sa.delete(decode_rates).where(*key))
+        conn.execute(
+            sa.insert(decode_rates).values(
+                model_sha256=model_sha256,
+                host=host,
+                threads=threads,
+                rates={str(n): round(r, 2) for n, r in sorted(rates.items())},
+                measured_at=utcnow(),
+            )
+        )

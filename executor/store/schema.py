@@ -200,6 +200,19 @@ known_configs = sa.Table(
 )
 
 
+# Decode tokens/s at 1, 2, 4, … sequences per step, measured by a CPU load with
+# --parallel auto (executor.decode_rates); {"1": 95.0, "2": 128.0, …}.
+decode_rates = sa.Table(
+    "decode_rates",
+    metadata,
+    sa.Column("model_sha256", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(200), primary_key=True),
+    sa.Column("threads", sa.Integer, primary_key=True),
+    sa.Column("rates", sa.JSON, nullable=False),
+    sa.Column("measured_at", sa.DateTime, nullable=False),
+)
+
+
 # One row per worker identity (host + GPU): registration and heartbeat, for `executor workers`.
 workers = sa.Table(
     "workers",

@@ -1,0 +1,45 @@
+"""`--parallel auto` on the CPU, from a measurement on this machine.
+
+More sequences per decode step share one pass over the weights, so tokens per second grow
+with them until the CPU is compute-bound; where that happens depends on the model, the CPU,
+its cores and memory bandwidth. So the model process measures it once after loading (one
+decode step of 1, 2, 4, … sequences, the fastest of a few tries each) and the worker keeps
+the rates per (model, host, threads). The choice is the fewest sequences within 5 % of the
+best rate measured: more would cost memory and a longer tail at a job's end for nothing.
+"""
+
+from __future__ import annotations
+
+SIZES = (1, 2, 4, 8, 16, 32, 64)  # sequences per step, measured up to the cap
+WITHIN = 0.05  # the fewest sequences within this share of the best rate
+FLAT = 1.02  # stop measuring once doubling the sequences gains less than this
+
+
+def candidates(cap: int) -> tuple[int, ...]:
+    """The sizes worth measuring under `cap` (memory, the job's items): the cap itself too."""
+    cap = max(1, cap)
+    sizes = [s for s in SIZES if s <= cap]
+    if cap < SIZES[-1] and cap not in sizes:
+        sizes.append(cap)
+    return tuple(sizes)
+
+
+def pick_parallel(rates: dict[int, float], cap: int | None = None) -> int:
+    """The fewest sequences whose decode rate is within WITHIN of the best (at most `cap`;
+    the cap itself where the rates still grow past it)."""
+    usable = {n: r for n, r in rates.items() if cap is None or n <= cap}
+    if not usable:
+        return 1 if cap is None else cap
+    best = max(usable.values())
+    if (
+        cap is not None
+        and cap not in usable
+        and any(r > best * (1 + WITHIN) for n, r in rates.items() if n > cap)
+    ):
+        return cap
+    return min(n for n, r in usable.items() if r >= best * (1 - WITHIN))
+
+
+def describe(rates: dict[int, float]) -> str:
+    """'1: 95, 2: 128, 4: 170 … tok/s' for notes and logs."""
+    return ", ".join(f"{n}: {r:.0f}" for n, r in sorted(rates.items())) + " tok/s"
