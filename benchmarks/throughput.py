@@ -1,23 +1,29 @@
-"""Throughput: executor at parallel 1/4/8/16 against a plain llama-cpp-python loop and
-llama.cpp's own llama-batched-bench, same model, same machine, one run.
+"""Throughput on chat-shaped and long work: executor against the strongest plain loop and
+llama.cpp's own llama-batched-bench, same model, same machine, same threads, one run.
 
-    .venv/bin/python benchmarks/throughput.py [--prompts 32] [--new-tokens 128] [--rounds 2]
+    .venv/bin/python benchmarks/throughput.py [--workload chat,long] [--prompts 32]
+        [--max-tokens 128] [--parallel auto,1,4,8,16] [--rounds 2]
 
-(a) plain loop: one `Llama`, `create_completion` per prompt, greedy, 128 new tokens;
-(b) executor end to end: `submit` → `run --until-empty --parallel N` → `export`;
-(c) llama-batched-bench (-npp 64 -ntg 128 -npl N), built from the llama.cpp source vendored
-    in the llama-cpp-python sdist of the installed version (downloaded from PyPI once and
-    built into benchmarks/.cache; said so when that is not possible).
+- plain loop: benchmarks/plain_loop.py, one `Llama` with n_threads = n_threads_batch = the
+  physical cores, one call per prompt (create_chat_completion for chat work);
+- executor: `run --until-empty --parallel N` (auto = its default) after a `submit`, the
+  whole `run` process timed (start-up, model load, claims, checkpoints);
+- llama-batched-bench: -npp (the workload's mean prompt tokens) -ntg max_tokens -npl N,
+  -t and -tb at the physical cores; every sequence generates all max_tokens (no EOS, no
+  tail), so it is a ceiling, not a peer: B·TG over its total time (prompt + generation).
 
-Rates are completion tokens per second: for (a) over the generation loop, for (b) from the
-job's first claim to its last checkpoint (model load excluded from both; (b)'s wall time with
-start-up, load and export is printed too), for (c) B·TG / T from its table. Each round
-repeats everything, so the spread between rounds shows the machine's noise.
+Rates are completion tokens per second over whole processes (the plain loop's and executor's
+include Python start-up and the model load; batched-bench's table excludes its load), and
+`gen` rates over generation only. Each round repeats everything, so the spread between rounds
+shows the machine's noise. Built from the llama.cpp source vendored in the llama-cpp-python
+sdist of the installed version (downloaded from PyPI once, built with the same CMake flags
+as executor's llama.cpp into benchmarks/.cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -26,45 +32,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(__file__).resolve().parent / ".cache"
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import executor_run  # noqa: E402
+from benchmarks.common import WORKLOADS, executor_run, plain_loop, threads  # noqa: E402
 from executor.models import resolve_model  # noqa: E402
-
-PASSAGE = (
-    "The old lighthouse keeper climbed the spiral stairs every evening, counting the "
-    "steps as his father had taught him, and at the top he wiped the great lens, lit "
-    "the lamp and watched the ships pass in the dark water below. One night"
-)
-
-
-def prompt_rows(n: int, new_tokens: int) -> list[dict]:
-    """About 64-token raw prompts that invite a long continuation."""
-    return [
-        {"custom_id": f"b{i}", "prompt": f"{PASSAGE} ({i})", "max_tokens": new_tokens}
-        for i in range(n)
-    ]
-
-
-def plain_loop(model: Path, rows: list[dict]) -> dict:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(model), n_ctx=2048, seed=0, verbose=False)
-    tokens = 0
-    started = time.perf_counter()
-    for row in rows:
-        out = llm.create_completion(
-            prompt=row["prompt"], max_tokens=row["max_tokens"], temperature=0.0, top_p=1.0, seed=0
-        )
-        tokens += out["usage"]["completion_tokens"]
-    seconds = time.perf_counter() - started
-    llm.close()
-    return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
 
 
 def batched_bench_binary() -> Path | str:
@@ -112,7 +87,13 @@ def batched_bench_binary() -> Path | str:
                 "-B",
                 str(build),
                 "-DCMAKE_BUILD_TYPE=Release",
-                "-DLLAMA_CURL=OFF",
+                # The flags executor's own llama.cpp is built with (no AMX: see the script).
+                *subprocess.run(
+                    [str(ROOT / "scripts" / "llama-cmake-args")],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.split(),
                 "-DLLAMA_BUILD_TESTS=OFF",
                 "-DLLAMA_BUILD_EXAMPLES=ON",
                 "-DLLAMA_BUILD_TOOLS=ON",
@@ -138,99 +119,127 @@ def batched_bench_binary() -> Path | str:
     return binary if binary.exists() else "llama-batched-bench was not produced by the build"
 
 
-def batched_bench(binary: Path, model: Path, parallels: list[int], new_tokens: int) -> dict:
+def batched_bench(
+    binary: Path, model: Path, parallels: list[int], prompt_tokens: int, new_tokens: int, t: int
+) -> dict[int, float]:
     """B·TG / T per parallel count, from llama-batched-bench's table."""
-    cores = os.cpu_count() or 1
     out = subprocess.run(
-        [
-            str(binary),
-            "-m",
-            str(model),
-            "-c",
-            str(max(parallels) * (64 + new_tokens) + 256),
-            "-b",
-            "2048",
-            "-ub",
-            "512",
-            "-npp",
-            "64",
-            "-ntg",
-            str(new_tokens),
-            "-npl",
-            ",".join(map(str, parallels)),
-            "-t",
-            str(max(cores // 2, 1)),
-            "-tb",
-            str(cores),
-            "-fa",
-            "off",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+        [str(binary), "-m", str(model), "-c", str(max(parallels) * (prompt_tokens + new_tokens)
+         + 256), "-b", "2048", "-ub", "512", "-npp", str(prompt_tokens), "-ntg",
+         str(new_tokens), "-npl", ",".join(map(str, parallels)), "-t", str(t), "-tb", str(t),
+         "-fa", "off"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
     rates = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 10 and re.fullmatch(r"\d+", cells[0]):
-            tg, b, t = int(cells[1]), int(cells[2]), float(cells[8])
-            rates[b] = b * tg / t
+            tg, b, total = int(cells[1]), int(cells[2]), float(cells[8])
+            rates[b] = b * tg / total
     return rates
+
+
+def mean_prompt_tokens(model: Path, rows: list[dict]) -> int:
+    """The workload's prompts in the model's tokens, chat template included (what
+    batched-bench's -npp should be to compare like with like)."""
+    code = (
+        "import json,sys\n"
+        "from llama_cpp import Llama\n"
+        "llm = Llama(model_path=sys.argv[1], n_ctx=512, verbose=False, vocab_only=True)\n"
+        "rows = json.loads(sys.stdin.read())\n"
+        "from llama_cpp.llama_chat_format import Jinja2ChatFormatter\n"
+        "t = llm.metadata.get('tokenizer.chat_template')\n"
+        "fmt = Jinja2ChatFormatter(t, eos_token='', bos_token='') if t else None\n"
+        "n = []\n"
+        "for r in rows:\n"
+        "    text = fmt(messages=r['messages']).prompt if 'messages' in r else r['prompt']\n"
+        "    n.append(len(llm.tokenize(text.encode(), add_bos=True, special=True)))\n"
+        "print(round(sum(n) / len(n)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model)],
+        input=json.dumps(rows), check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return int(out.stdout.strip())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="chat,long")
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--parallel", default="1,4,8,16")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--parallel", default="auto,1,4,8,16")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     model = resolve_model(os.environ.get("EXECUTOR_MODEL"))
-    parallels = [int(p) for p in args.parallel.split(",")]
-    rows = prompt_rows(args.prompts, args.new_tokens)
+    parallels = args.parallel.split(",")
+    numeric = sorted({int(p) for p in parallels if p != "auto"})
+    t = threads()
     bench = batched_bench_binary()
     print(
-        f"model {model.name}; {args.prompts} prompts of ~64 tokens, {args.new_tokens} new "
-        f"tokens, greedy; {os.cpu_count()} CPUs"
+        f"model {model.name}; {args.prompts} prompts, max_tokens {args.max_tokens}, greedy; "
+        f"{os.cpu_count()} CPUs, {t} threads for everyone (physical cores)"
     )
     if isinstance(bench, str):
         print(f"llama-batched-bench: not run ({bench})")
-    table: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rnd in range(1, args.rounds + 1):
-            plain = plain_loop(model, rows)
-            table.setdefault("plain", []).append(plain["tok_s"])
-            line = [f"round {rnd}: plain {plain['tok_s']:.1f} tok/s ({plain['tokens']} tok)"]
-            ref = (
-                batched_bench(bench, model, parallels, args.new_tokens)
-                if not isinstance(bench, str)
-                else {}
-            )
-            for p in parallels:
-                ours = executor_run(rows, Path(tmp), parallel=p, ctx=1024)
-                table.setdefault(f"executor p{p}", []).append(ours["tok_s"])
-                vs_bench = ""
-                if p in ref:
-                    table.setdefault(f"batched-bench p{p}", []).append(ref[p])
-                    vs_bench = f", {ours['tok_s'] / ref[p]:.2f}× bench {ref[p]:.1f}"
-                line.append(
-                    f"p{p} {ours['tok_s']:.1f} ({ours['tokens']} tok, "
-                    f"{ours['tok_s'] / plain['tok_s']:.2f}× plain{vs_bench}; wall "
-                    f"{ours['wall_s']:.1f}s)"
-                )
-            print(" | ".join(line), flush=True)
-    print("\nmean completion tokens/s over rounds (min–max), and ratios of the means:")
-    plain_mean = statistics.mean(table["plain"])
+    for workload in args.workload.split(","):
+        rows = WORKLOADS[workload](args.prompts, args.max_tokens)
+        npp = mean_prompt_tokens(model, rows)
+        print(f"\n== {workload}: prompts of {npp} tokens on average ==", flush=True)
+        table: dict[str, list[float]] = {}
+        extra: dict[str, list[dict]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for rnd in range(1, args.rounds + 1):
+                plain = plain_loop(model, rows, Path(tmp), n_threads=t)
+                table.setdefault("plain loop", []).append(plain["tok_s"])
+                extra.setdefault("plain loop", []).append(plain)
+                line = [
+                    f"round {rnd}: plain {plain['tok_s']:.1f} tok/s ({plain['tokens']} tok, "
+                    f"{plain['wall_s']:.1f}s; load {plain['load_s']:.1f}s)"
+                ]
+                if not isinstance(bench, str):
+                    for b, rate in batched_bench(
+                        bench, model, numeric, npp, args.max_tokens, t
+                    ).items():
+                        table.setdefault(f"batched-bench N={b}", []).append(rate)
+                for p in parallels:
+                    ours = executor_run(rows, Path(tmp), parallel=p)
+                    name = f"executor -np {p}"
+                    table.setdefault(name, []).append(ours["tok_s"])
+                    extra.setdefault(name, []).append(ours)
+                    line.append(
+                        f"{name} {ours['tok_s']:.1f} ({ours['tokens']} tok, run "
+                        f"{ours['run_s']:.1f}s, start-up {ours['startup_s']:.1f}s, "
+                        f"N={ours['parallel']})"
+                    )
+                print(" | ".join(line), flush=True)
+        report(table, extra)
+
+
+def report(table: dict[str, list[float]], extra: dict[str, list[dict]]) -> None:
+    """Means over rounds (min–max) and ratios of the means."""
+    plain = statistics.mean(table["plain loop"])
+    print(f"\n{'':22}{'tok/s':>8}  {'(min–max)':14}{'× plain':>8}{'× bench':>9}  gen tok/s")
     for name, values in table.items():
         mean = statistics.mean(values)
-        extra = ""
-        if name.startswith("executor"):
-            p = name.split("p")[-1]
-            extra = f"   {mean / plain_mean:.2f}× plain"
-            bench_values = table.get(f"batched-bench p{p}")
-            if bench_values:
-                extra += f", {mean / statistics.mean(bench_values):.2f}× batched-bench"
-        print(f"  {name:18} {mean:7.1f}  ({min(values):.1f}–{max(values):.1f}){extra}")
+        vs_bench = ""
+        runs = extra.get(name, [])
+        n = runs[0]["parallel"] if runs and "parallel" in runs[0] else None
+        if n is not None and f"batched-bench N={n}" in table:
+            vs_bench = f"{mean / statistics.mean(table[f'batched-bench N={n}']):.2f}"
+        gen = f"{statistics.mean(r['gen_tok_s'] for r in runs):.1f}" if runs else ""
+        label = name + (f" (N={n})" if name.endswith("auto") and n else "")
+        print(
+            f"{label:22}{mean:8.1f}  ({min(values):.1f}–{max(values):.1f})".ljust(46)
+            + f"{mean / plain:8.2f}{vs_bench:>9}  {gen}"
+        )
+    starts = [r["startup_s"] for k, v in extra.items() if k != "plain loop" for r in v]
+    loads = [r["load_s"] for r in extra["plain loop"]]
+    print(
+        f"start-up: executor run {statistics.mean(starts):.2f}s to the first claim "
+        f"(imports, model process, load); plain loop {statistics.mean(loads):.2f}s to a "
+        "loaded model (import + load)"
+    )
 
 
 if __name__ == "__main__":
