@@ -100,14 +100,17 @@ def executor_run(
     parallel: int | str = "auto",
     ctx: int | str = "auto",
     extra_env: dict[str, str] | None = None,
+    db: Path | None = None,
 ) -> dict:
     """submit → run --until-empty → export, as a user runs them, each process timed.
 
     `tok_s`: completion tokens over the `run` process's wall time; `gen_tok_s`: from the
     job's first claim to its last checkpoint; `startup_s`: from starting `run` to the first
     claim (imports, the model process, the load); submit and export have their own times.
+    A fresh database unless `db` is given (the same one across runs keeps what executor
+    learns once per model and host, as a nightly user's does: decode rates, placements).
     """
-    db = workdir / f"bench-{time.monotonic_ns()}.db"
+    db = db or workdir / f"bench-{time.monotonic_ns()}.db"
     env = {**os.environ, "EXECUTOR_DB": str(db), "EXECUTOR_CTX": str(ctx), **(extra_env or {})}
     prompts = write_rows(rows, workdir / "prompts.jsonl")
     cli = [sys.executable, "-m", "executor"]
@@ -119,14 +122,16 @@ def executor_run(
         )
         return time.perf_counter() - started, done.stdout, done.stderr
 
-    submit_s, job, _ = timed("submit", str(prompts))
+    submit_s, job, _ = timed("submit", "--force", str(prompts))
+    job_id = int(job.strip())
     run_started = datetime.now().astimezone()
     run_s, _, log = timed("run", "--until-empty", "--parallel", str(parallel))
-    export_s, _, _ = timed("export", job.strip(), "-o", str(workdir / "out.jsonl"))
+    export_s, _, _ = timed("export", str(job_id), "-o", str(workdir / "out.jsonl"))
     conn = sqlite3.connect(db)
     first, last, tokens = conn.execute(
         "SELECT j.started_at, max(r.created_at), sum(r.completion_tokens) FROM jobs j "
-        "JOIN items i ON i.job_id = j.id JOIN results r ON r.item_id = i.id"
+        "JOIN items i ON i.job_id = j.id JOIN results r ON r.item_id = i.id WHERE j.id = ?",
+        (job_id,),
     ).fetchone()
     (picked,) = conn.execute("SELECT parallel FROM loads ORDER BY id DESC LIMIT 1").fetchone()
     conn.close()
