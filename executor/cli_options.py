@@ -27,6 +27,15 @@ ConfigOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+AllowCpuOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-cpu",
+        help="Run on the CPU even though --gpu-layers (or a job spec) asks for GPU layers and "
+        "this llama-cpp-python cannot offload (build it with: make setup GPU=cuda).",
+        show_default=False,
+    ),
+]
 LogFormatOpt = Annotated[
     str | None,
     typer.Option(

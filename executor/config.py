@@ -207,6 +207,9 @@ OPTIONS: dict[str, Option] = {
         "tensors (MoE experts to RAM first, then partial blocks) or layers (whole layers)",
     ),
     "allow_swap": Option(_bool, False, "load even if the CPU part does not fit in RAM"),
+    "allow_cpu": Option(
+        _bool, False, "run on the CPU when gpu_layers asks for a GPU this build cannot use"
+    ),
     "backoff_seconds": Option(_float(0.0), 2.0, "first wait before reloading after an OOM"),
     "shrink_step": Option(_float(0.01, 1.0), 0.1, "fraction of GPU layers dropped per OOM"),
     "shrink_parallel_first": Option(
@@ -259,6 +262,7 @@ class Settings:
     swa_full: str
     placement: str
     allow_swap: bool
+    allow_cpu: bool
     backoff_seconds: float
     shrink_step: float
     shrink_parallel_first: bool

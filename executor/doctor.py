@@ -10,6 +10,7 @@ from typing import Any
 from executor import gpu, system
 from executor.config import Settings
 from executor.errors import ExecutorError, NoDatabaseError
+from executor.loader import REBUILD_FOR_GPU
 from executor.models import DEFAULT_MODEL, check_default_hash, resolve_model, sha256_file
 from executor.redact import redact
 from executor.store.db import head_revision, open_database
@@ -56,15 +57,21 @@ def _llama(probe: gpu.Probe) -> Check:
             "reinstall it: pip install --force-reinstall llama-cpp-python",
         )
     offload = "built with GPU offload" if caps["gpu_offload"] else "CPU-only build"
-    if probe.gpus and not caps["gpu_offload"]:
+    if caps["gpu_offload"]:
+        return Check("llama-cpp-python", "OK", f"{caps['version']}, {offload}")
+    if probe.gpus:
         return Check(
             "llama-cpp-python",
-            "WARN",
-            f"{caps['version']}, {offload}",
-            'a GPU is here but unused: CMAKE_ARGS="-DGGML_CUDA=on" pip install '
-            "--force-reinstall --no-cache-dir llama-cpp-python",
+            "FAIL",
+            f"{caps['version']}, {offload}: the GPU here sits idle and models run on the CPU",
+            f"build it with CUDA: {REBUILD_FOR_GPU}",
         )
-    return Check("llama-cpp-python", "OK", f"{caps['version']}, {offload}")
+    return Check(
+        "llama-cpp-python",
+        "WARN",
+        f"{caps['version']}, {offload}",
+        f"no GPU here, so nothing is lost; on a machine with an NVIDIA GPU: {REBUILD_FOR_GPU}",
+    )
 
 
 def _gpus(probe: gpu.Probe) -> Check:

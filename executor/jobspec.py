@@ -26,7 +26,7 @@ from executor.files import JSONError, check_writable, load_yaml, parse_json, rea
 from executor.records import JOB_PARAMS
 from executor.units import parse_size
 
-LOAD_KEYS = ("ctx", "parallel", "vram_cap")
+LOAD_KEYS = ("ctx", "parallel", "vram_cap", "gpu_layers")
 SPEC_KEYS = (
     "min_vram",
     "name",

@@ -21,6 +21,7 @@ cap, context, parallel, ubatch) so the next run starts there.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -61,7 +62,14 @@ from executor.store import loads as load_store
 from executor.store.loads import ConfigKey
 from executor.store.queue import Job
 from executor.store.schema import LoadOutcome
-from executor.supervisor import Died, ModelLoadFailed, ModelProcess, Spare, dry_run
+from executor.supervisor import (
+    Died,
+    ModelLoadFailed,
+    ModelProcess,
+    Spare,
+    dry_run,
+    engine_capabilities,
+)
 from executor.units import format_bytes, parse_cap, parse_size
 from executor.workload import DEFAULT_CTX, context_for, job_context_need
 
@@ -100,6 +108,7 @@ class PlanReport:
     threads_note: str = ""  # why that many
     parallel_note: str = ""  # how --parallel auto chose on the CPU
     measure_parallel: tuple[int, ...] = ()  # sizes the model process measures at load
+    offload_warning: str = ""  # a GPU is here and this llama.cpp build cannot use it
 
     def as_dict(self) -> dict[str, Any]:
         m = self.model
@@ -132,6 +141,7 @@ class PlanReport:
             "threads_note": self.threads_note,
             "parallel_note": self.parallel_note,
             "measure_parallel": list(self.measure_parallel),
+            "offload_warning": self.offload_warning or None,
         }
 
 
@@ -147,6 +157,7 @@ def plan_for(
     use_dry_run: bool | None = None,
     sha256: str | None = None,
     ceiling: Placement | None = None,
+    build_offloads: Callable[[], bool | None] | None = None,
 ) -> PlanReport:
     """Plan a load of `model_path` on this machine's GPU (or a card of `gpu_total`), for
     `job`'s work when given (its context need sizes `ctx: auto`).
@@ -154,11 +165,17 @@ def plan_for(
     With `gpu_total` the plan is for another machine: its RAM is `ram_total` if given, and
     this machine's RAM is not checked. `use_dry_run`: ask llama.cpp to confirm the sizes
     (None: only when a GPU is there, where the compute buffer matters most). `ceiling`: at
-    most this placement (an OOM earlier in this run).
+    most this placement (an OOM earlier in this run). `build_offloads`: whether this
+    llama.cpp build can use a GPU (default: asked of a throwaway process, only when it
+    matters); a GPU it cannot use is planned without, and said loudly.
     """
     path = Path(model_path)
     info = read_model_info(path)
     probe, device = _device(settings, nvml, gpu_total)
+    offload_warning = ""
+    if not gpu_total:
+        ask = build_offloads or build_can_offload
+        offload_warning, device = check_offload(settings, device, ask)
     cap = (
         parse_cap(settings.vram_cap).resolve(device.total) if settings.vram_cap and device else None
     )
@@ -201,7 +218,7 @@ def plan_for(
     report = PlanReport(
         info, plan, key, probe, known, context_note=context_note, ubatch_note=ubatch_note,
         threads=threads, threads_note=threads_note, parallel_note=parallel_note,
-        measure_parallel=measure,
+        measure_parallel=measure, offload_warning=offload_warning,
     )  # fmt: skip
     if gpu_total:
         return replace(
@@ -210,6 +227,51 @@ def plan_for(
     if settings.engine == "llama" and (use_dry_run or (use_dry_run is None and device)):
         return _confirm_with_dry_run(settings, report, device, request)
     return report
+
+
+REBUILD_FOR_GPU = "make setup GPU=cuda (README: With an NVIDIA GPU)"
+
+
+def build_can_offload() -> bool | None:
+    """llama_supports_gpu_offload() of the installed llama-cpp-python, from a throwaway
+    process (the parent never imports llama.cpp); None when it cannot say."""
+    caps = engine_capabilities()
+    return None if isinstance(caps, str) else bool(caps["gpu_offload"])
+
+
+def check_offload(
+    settings: Settings, device: Device | None, build_offloads: Callable[[], bool | None]
+) -> tuple[str, Device | None]:
+    """(warning, the device to plan for) when the llama.cpp build cannot use a GPU.
+
+    A GPU this build cannot use is planned without and said loudly: on a real card a
+    night's work would run at a twentieth of the speed. GPU layers asked for explicitly
+    (--gpu-layers, config, a job spec's load) on such a build are refused unless
+    --allow-cpu: the user meant the GPU, not a silent CPU run. ModelError then.
+    """
+    asked = settings.gpu_layers not in ("auto", 0)
+    if settings.engine != "llama" or (device is None and not asked):
+        return "", device
+    # Tests that plan for a fake GPU (EXECUTOR_FAKE_NVML) on a CPU build say "1" here.
+    fake = os.environ.get("EXECUTOR_FAKE_GPU_OFFLOAD")
+    offloads = fake == "1" if fake in ("0", "1") else build_offloads()
+    if offloads is not False:
+        return "", device  # it can, or it cannot say (doctor says more)
+    if asked and not settings.allow_cpu:
+        layers = "all" if settings.gpu_layers == -1 else settings.gpu_layers
+        source = settings.sources.get("gpu_layers", "")
+        raise ModelError(
+            f"gpu_layers {layers}{f' ({source})' if source else ''} asks for layers on a GPU, "
+            "but this llama-cpp-python was built without GPU offload",
+            hint=f"build it with CUDA: {REBUILD_FOR_GPU}; or pass --allow-cpu "
+            "(EXECUTOR_ALLOW_CPU=1) to run on the CPU",
+        )
+    if device is None:
+        return "", None
+    return (
+        f"{device.name} is here but this llama-cpp-python was built without GPU offload: "
+        f"the model runs on the CPU, many times slower. Fix: {REBUILD_FOR_GPU}"
+    ), None
 
 
 def request_by_tensor(settings: Settings) -> bool:
@@ -427,13 +489,6 @@ def _confirm_with_dry_run(
         if isinstance(result, str):
             return replace(report, dry_run_note=f"llama.cpp dry run not available: {result}")
         report = replace(report, dry_run=result)
-        if device is not None and not result.gpu_offload_supported:
-            cpu_plan = make_plan(info, None, request)
-            note = (
-                "this llama-cpp-python was built without GPU offload: everything runs on "
-                "the CPU (build it with CUDA: make setup GPU=cuda)"
-            )
-            return replace(report, plan=replace(cpu_plan, notes=(note, *cpu_plan.notes)))
         gpu_compute = sum(
             size
             for name, size in result.compute.items()
@@ -556,9 +611,15 @@ class ModelLoader:
         overrides: dict[str, Any] | None,
         job: Job | None,
     ) -> Loaded:
-        report = plan_for(settings, self.db, path, job=job, nvml=self.nvml, sha256=sha)
+        spare = self._spare
+        report = plan_for(
+            settings, self.db, path, job=job, nvml=self.nvml, sha256=sha,
+            build_offloads=spare.gpu_offload if spare else None,
+        )  # fmt: skip
         report = self._under_ceiling(settings, report, job, sha)
         plan = report.plan
+        if report.offload_warning:
+            log.warning("%s", report.offload_warning)
         if not plan.ram_ok and not settings.allow_swap:
             raise ModelError(
                 f"{plan.notes[-1]}; refusing to load",
@@ -589,9 +650,10 @@ class ModelLoader:
         ceiling = self.ceilings.get(report.key)
         if ceiling is None:
             return report
+        spare = self._spare
         return plan_for(
             settings, self.db, report.model.path, job=job, nvml=self.nvml, sha256=sha,
-            ceiling=ceiling,
+            ceiling=ceiling, build_offloads=spare.gpu_offload if spare else None,
         )  # fmt: skip
 
     def _attempt_plan(self, report: PlanReport, state: _Attempt) -> Plan:
@@ -621,7 +683,8 @@ class ModelLoader:
             placement=plan.placement.as_dict(),
             tensor_overrides=list(plan.rules),
             predicted_vram=estimate if device else None,
-            plan=plan.as_dict(),
+            # Warnings travel with the load: `status` and provenance can say why it was slow.
+            plan={**plan.as_dict(), "warnings": [w for w in (report.offload_warning,) if w]},
         )
         spec = load_spec(settings, plan, str(path), device.uuid if device else None)
         if report.measure_parallel and plan.n_gpu_layers == 0:
@@ -712,9 +775,11 @@ class ModelLoader:
         load_store.update_load(self.db, load_id, outcome=LoadOutcome.LOADED)
         load_store.remember_placement(self.db, key, plan.placement.as_dict())
         if not proc.info.get("gpu_offload_supported", True) and plan.n_gpu_layers:
+            # Only when the build could not be asked before the plan.
             log.warning(
                 "this llama-cpp-python was built without GPU offload: the model runs "
-                "on the CPU (build it with CUDA: make setup GPU=cuda)"
+                "on the CPU. Fix: %s",
+                REBUILD_FOR_GPU,
             )
         return Loaded(proc, load_id, report, plan, key, str(path), sha)
 

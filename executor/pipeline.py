@@ -10,6 +10,7 @@ from typing import Any
 from executor.config import Settings
 from executor.export import Exported, export_job
 from executor.jobspec import JobSpec, read_spec, spec_settings
+from executor.loader import build_can_offload, check_offload
 from executor.store import Database, open_database, queue
 from executor.store.queue import Job
 from executor.submit import Submitted, submit
@@ -62,7 +63,9 @@ def run_spec(
     spec: JobSpec, settings: Settings, db: Database, events: RunEvents | None = None
 ) -> SpecRun:
     """Submit the spec's job (or find it, if submitted before), run it to the end and export
-    it where the spec says. Run again, it finishes only what is left."""
+    it where the spec says. Run again, it finishes only what is left. A spec that asks for
+    GPU layers on a build that cannot offload is refused before anything is queued."""
+    check_offload(settings, None, build_can_offload)
     submitted = submit_spec(spec, settings, db)
     log.info(
         "job %s (%s): %d prompts%s",

@@ -210,6 +210,17 @@ class Load:
 
 
 @dataclass(frozen=True)
+class AskCapabilities:
+    """Parent → a spare model process: what can this build do? (answered by Capabilities)"""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    version: str
+    gpu_offload: bool  # llama_supports_gpu_offload(): built with CUDA (or another GPU backend)
+
+
+@dataclass(frozen=True)
 class Ready:
     info: dict[str, Any]
 

@@ -84,7 +84,9 @@ def format_plan(report: PlanReport) -> str:
         f"model     {Path(m.path).name}  ({m.architecture}, {m.n_layer} blocks, {kind}"
         f"{window}, {m.quantization or '?'}, {format_bytes(m.file_size)})",
     ]
-    if plan.device is None:
+    if report.offload_warning:
+        lines.append("GPU       not used: this llama-cpp-python cannot offload (see the warning)")
+    elif plan.device is None:
         problem = report.probe.problem if report.probe else None
         lines.append(f"GPU       none{f' ({problem})' if problem else ''}")
     else:

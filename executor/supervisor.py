@@ -22,8 +22,10 @@ from executor.engine.faults import Faults
 from executor.errors import DiskError
 from executor.files import private_dir
 from executor.records import (
+    AskCapabilities,
     Batch,
     BatchDone,
+    Capabilities,
     Drop,
     DryRun,
     GenerationRequest,
@@ -91,6 +93,7 @@ class Spare:
         self.engine = engine
         self.gpu_uuid = gpu_uuid
         self.log_offset = _start_log(log_path)
+        self._capabilities: Capabilities | None = None
         # spawn, not fork: the parent holds SQLite connections and threads that must not be
         # copied, and the child starts with a clean CUDA state.
         ctx = mp.get_context("spawn")
@@ -104,6 +107,20 @@ class Spare:
         self.process.start()
         _SPARES.add(self)
         child_conn.close()
+
+    def gpu_offload(self, timeout: float = 120.0) -> bool | None:
+        """Whether this build of llama.cpp can offload to a GPU, asked of the spare itself
+        (it has imported llama.cpp by the time it answers); None when it cannot say."""
+        if self._capabilities is None and self.process.is_alive():
+            try:
+                self.conn.send(AskCapabilities())
+                if self.conn.poll(timeout):
+                    answer = self.conn.recv()
+                    if isinstance(answer, Capabilities):
+                        self._capabilities = answer
+            except (EOFError, OSError):
+                pass
+        return None if self._capabilities is None else self._capabilities.gpu_offload
 
     def fits(self, spec: LoadSpec, log_path: Path) -> bool:
         """Whether this spare can load `spec` (same engine, GPU and log)."""

@@ -26,6 +26,9 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     for key in list(os.environ):
         if key.startswith("EXECUTOR_"):
             monkeypatch.delenv(key)
+    # Plans for a fake GPU on this CPU-only build plan for the GPU; tests/test_gpu_build.py
+    # drops this to see what a user with a card and a CPU build sees.
+    monkeypatch.setenv("EXECUTOR_FAKE_GPU_OFFLOAD", "1")
     for kind in ("DATA", "STATE", "CONFIG", "CACHE"):
         folder = tmp_path / "xdg" / kind.lower()
         folder.mkdir(parents=True)

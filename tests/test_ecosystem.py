@@ -420,7 +420,10 @@ def test_doctor_without_a_gpu_warns_and_passes(db_path, default_model):
     assert result.returncode == 0, result.stdout
     checks = {c["name"]: c for c in json.loads(result.stdout)}
     assert checks["GPU"]["state"] == "WARN"
-    for name in ("python", "llama-cpp-python", "memory", "database", "default model"):
+    # A CPU-only build without a GPU loses nothing: a WARN that says how to build for one.
+    assert checks["llama-cpp-python"]["state"] == "WARN"
+    assert "make setup GPU=cuda" in checks["llama-cpp-python"]["hint"]
+    for name in ("python", "memory", "database", "default model"):
         assert checks[name]["state"] == "OK", checks[name]
     assert "sha256 verified" in checks["default model"]["detail"]
 
@@ -436,8 +439,11 @@ def test_doctor_with_a_gpu_but_a_cpu_build(db_path):
     result = run_cli("doctor", "--json", db_path=db_path, env={"EXECUTOR_FAKE_NVML": nvml})
     checks = {c["name"]: c for c in json.loads(result.stdout)}
     assert checks["GPU"]["state"] == "OK" and "NVIDIA RTX 4090" in checks["GPU"]["detail"]
-    assert checks["llama-cpp-python"]["state"] == "WARN"
-    assert "GGML_CUDA" in checks["llama-cpp-python"]["hint"]
+    # The card would sit idle: a FAIL (exit 9) with the command that fixes it.
+    assert result.returncode == 9
+    assert checks["llama-cpp-python"]["state"] == "FAIL"
+    assert "sits idle" in checks["llama-cpp-python"]["detail"]
+    assert "make setup GPU=cuda" in checks["llama-cpp-python"]["hint"]
 
 
 def test_systemd_units(tmp_path):

@@ -19,8 +19,10 @@ from typing import Any
 
 from executor.engine import Engine, LoadError, create_engine
 from executor.records import (
+    AskCapabilities,
     Batch,
     BatchDone,
+    Capabilities,
     Drop,
     GenerationRequest,
     ItemDone,
@@ -55,6 +57,9 @@ def main(conn: Connection, log_path: str, engine_name: str, gpu_uuid: str | None
         import executor.engine.llama  # noqa: F401 - llama.cpp's import, before the spec comes
     try:
         message = conn.recv()
+        while isinstance(message, AskCapabilities):
+            conn.send(_capabilities(engine_name))
+            message = conn.recv()
     except (EOFError, OSError):
         return  # not needed after all
     if not isinstance(message, Load):
@@ -76,6 +81,14 @@ def main(conn: Connection, log_path: str, engine_name: str, gpu_uuid: str | None
         pass  # the parent is gone; nothing is left to report to
     finally:
         engine.close()
+
+
+def _capabilities(engine_name: str) -> Capabilities:
+    if engine_name == "llama":
+        from executor.engine.llama import capabilities
+
+        return Capabilities(**capabilities())
+    return Capabilities(version="fake", gpu_offload=True)  # the fake engine plays a GPU build
 
 
 def _serve(conn: Connection, engine: Engine) -> None:
