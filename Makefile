@@ -41,6 +41,8 @@ test: setup
 	@# The PostgreSQL tests start a throwaway server of their own; this installs the server
 	@# programs (Debian's package) when they are missing.
 	scripts/ensure-postgres
+	@# The status page's test drives a real headless Chromium (Debian's package).
+	scripts/ensure-browser
 	$(BIN)/python -m pytest
 
 lint: setup

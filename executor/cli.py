@@ -638,6 +638,44 @@ def model(
         typer.echo(f"  the default model ({DEFAULT_MODEL.name}); hash verified")
 
 
+@command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to bind; anything but loopback needs --api-key.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8484,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="EXECUTOR_API_KEY",
+            help="Clients must send it (Authorization: Bearer KEY; a browser: any user, the "
+            "key as password). [env EXECUTOR_API_KEY]",
+            show_default=False,
+        ),
+    ] = None,
+    max_upload: Annotated[
+        str, typer.Option("--max-upload", help="Largest file accepted (OpenAI's is 200MB).")
+    ] = "200MB",
+    log_format: LogFormatOpt = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve OpenAI's Batch API (/v1/files, /v1/batches) and a status page at /.
+
+    Code written for OpenAI's batch API works unchanged against it: OpenAI(base_url=
+    "http://127.0.0.1:8484/v1", api_key="local"). The models run in `executor run` next to
+    it (or on other machines sharing the database); body.model resolves through `models:`
+    of the config file, as in `submit`. Binds 127.0.0.1 by default; any other address
+    needs --api-key. Files live beside the SQLite database (else the data folder).
+    """
+    from executor.serve.server import serve as run_server
+
+    settings = _settings(config, db=db, log_format=log_format)
+    _events(settings)  # logging as `run` does
+    run_server(settings, _open(settings, create=True), host, port, api_key, max_upload)
+
+
 @command(name="run-job")
 def run_job(
     spec: Annotated[

@@ -7,10 +7,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from executor import openai_batch
+from executor import energy, openai_batch
 from executor.errors import UsageError
 from executor.files import output_target, same_file
 from executor.store import Database, queue
+from executor.store.queue import Job
 from executor.store.schema import ItemStatus
 
 NOT_DONE = (ItemStatus.FAILED, ItemStatus.INVALID, ItemStatus.CANCELLED)
@@ -54,7 +55,8 @@ def export_job(
         raise UsageError(f"-o and --errors name the same file ({errors}); give two files")
     with_failed = include_failed or fmt == "openai"
     statuses = [ItemStatus.DONE, *(NOT_DONE if with_failed else ())]
-    render = _Renderer(job_id, fmt, with_provenance)
+    job_energy = _job_energy(db, job) if with_provenance else None
+    render = _Renderer(job_id, fmt, with_provenance, job_energy)
     with output_target(output) as out, output_target(errors, "--errors") as err:
         count = failed = 0
         for row in queue.export_rows(db, job_id, statuses):
@@ -65,13 +67,25 @@ def export_job(
     return Exported(job_id, count, job.item_count, job.status.value, failed)
 
 
+def _job_energy(db: Database, job: Job) -> dict[str, Any]:
+    """The job's energy so far: Wh, joules per generated token, and what measured it."""
+    (state,) = queue.progress(db, [job])
+    return {
+        **energy.describe(job.energy_mj, state.completion_tokens),
+        "source": job.energy_source or "unknown",
+    }
+
+
 class _Renderer:
     """Turns an export row into the line of the chosen format."""
 
-    def __init__(self, job_id: int, fmt: str, with_provenance: bool) -> None:
+    def __init__(
+        self, job_id: int, fmt: str, with_provenance: bool, job_energy: dict[str, Any] | None
+    ) -> None:
         self.job_id = job_id
         self.fmt = fmt
         self.with_provenance = with_provenance
+        self.job_energy = job_energy
         self.created = int(time.time())
 
     def __call__(self, row: Any) -> tuple[dict[str, Any], bool]:
@@ -85,7 +99,7 @@ class _Renderer:
         else:
             line = export_record(row)
         if self.with_provenance and not is_error:
-            line["provenance"] = provenance(row)
+            line["provenance"] = {**provenance(row), "job_energy": self.job_energy}
         return line, is_error
 
 

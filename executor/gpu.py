@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,6 +202,14 @@ class FakeNvml:
         total = int(handle["total"])
         free = int(handle.get("free", total))
         return _Memory(total=total, free=free, used=total - free)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: dict[str, Any]) -> int:
+        """Millijoules: `energy_mj` of the device, growing by `watts` per second read."""
+        if "watts" not in handle and "energy_mj" not in handle:
+            raise FakeNvmlError("Not Supported")
+        now = time.monotonic()
+        start = handle.setdefault("_started", now)
+        return int(handle.get("energy_mj", 0) + handle.get("watts", 0) * (now - start) * 1000)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: dict[str, Any]) -> list[_Process]:
         return [_Process(int(pid), int(used)) for pid, used in handle.get("processes", {}).items()]

@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from executor.worker import RunSummary
 
 
+def _energy(row: dict[str, Any]) -> str:
+    """`12.3 Wh, 0.85 J/tok`, or `-` when it was not measured."""
+    if row.get("energy_wh") is None:
+        return "-"
+    per = row.get("joules_per_token")
+    return f"{row['energy_wh']:.2f} Wh" + (f", {per:.2f} J/tok" if per is not None else "")
+
+
 def format_jobs(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table for people."""
     if not rows:
@@ -33,6 +41,7 @@ def format_jobs(rows: list[dict[str, Any]]) -> str:
         "TOKENS",
         "TOK/S",
         "ETA",
+        "ENERGY",
     )
     table = [header]
     for r in rows:
@@ -49,6 +58,7 @@ def format_jobs(rows: list[dict[str, Any]]) -> str:
                 str(r["completion_tokens"]),
                 "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
                 "-" if r["eta_s"] is None else format_duration(r["eta_s"]),
+                _energy(r),
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from executor import energy
 from executor.store import Database, queue
 from executor.store.schema import ItemStatus, JobStatus
 
@@ -43,6 +44,9 @@ def job_rows(db: Database, job_id: int | None = None, limit: int = 50) -> list[d
                 "started_at": job.started_at.isoformat() + "Z" if job.started_at else None,
                 "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
                 "error": job.error,
+                # Energy while the job was worked on ("unknown" where nothing can read it).
+                **energy.describe(job.energy_mj, state.completion_tokens),
+                "energy_source": job.energy_source or "unknown",
             }
         )
     return rows

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from executor import gpu
+from executor import energy, gpu
 from executor.config import Settings, xdg_dir
 from executor.errors import ModelError, UnstorableResult
 from executor.loader import Loaded, ModelLoader
@@ -143,6 +143,9 @@ class Worker:
         self.job: Job | None = None
         self.counts: JobCounts | None = None
         self._housekept = 0.0
+        self.meter = energy.meter(
+            gpu.load_nvml() if self.card else None, self.card.uuid if self.card else None
+        )
 
     # Signal handlers only count; everything else happens in the loop.
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -231,7 +234,17 @@ class Worker:
                 )
             if batch:
                 self._begin_job(job)
-                self._run_batch(job, batch, refill=refill)
+                before = self.meter.read() if self.meter else None
+                try:
+                    self._run_batch(job, batch, refill=refill)
+                finally:
+                    self._add_energy(job, before)
+
+    def _add_energy(self, job: Job, before: int | None) -> None:
+        """What the device used during one batch goes to the job (a batch is one job's)."""
+        after = self.meter.read() if self.meter else None
+        if self.meter and before is not None and after is not None and after >= before:
+            queue.add_energy(self.db, job.id, after - before, self.meter.source)
 
     def _run_batch(self, job: Job, batch: list[ClaimedItem], *, refill: int = 0) -> None:
         """Generate a claimed batch. With `refill`, claim up to that many more of the job's

@@ -193,11 +193,12 @@ def test_status_table_and_json(tmp_path, db_path, tiny_model):
     run_cli("submit", str(path), "--model", str(tiny_model), db_path=db_path, check=True)
     table = run_cli("status", db_path=db_path, check=True).stdout
     assert " ".join(table.splitlines()[0].split()) == (
-        "JOB NAME STATUS QUEUED RUNNING DONE FAILED TOKENS TOK/S ETA"
+        "JOB NAME STATUS QUEUED RUNNING DONE FAILED TOKENS TOK/S ETA ENERGY"
     )
     assert table.splitlines()[1].split()[:4] == ["1", "in", "queued", "2"]
     data = json.loads(run_cli("status", "--json", db_path=db_path, check=True).stdout)
     assert data[0]["counts"]["queued"] == 2 and data[0]["eta_s"] is None
+    assert data[0]["energy_wh"] is None and data[0]["energy_source"] == "unknown"
 
 
 def test_help_teaches(db_path):

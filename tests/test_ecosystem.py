@@ -479,6 +479,9 @@ def test_systemd_units(tmp_path):
     drain = units["executor-drain.service"]["Service"]
     assert drain["Type"] == "oneshot" and drain["ExecStart"].endswith("run --until-empty")
     assert units["executor-drain.timer"]["Timer"]["Unit"] == "executor-drain.service"
+    serve = units["executor-serve.service"]["Service"]
+    assert "executor serve --host 127.0.0.1" in serve["ExecStart"]
+    assert "EXECUTOR_API_KEY" not in serve.get("Environment", "")
     cron = (ROOT / "examples" / "crontab").read_text()
     assert "executor run-job jobs/nightly.yaml" in cron
     analyze = shutil.which("systemd-analyze")

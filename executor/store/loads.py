@@ -177,3 +177,19 @@ def remember_decode_rates(
                 measured_at=utcnow(),
             )
         )
+
+
+def recent_loads(db: Database, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest loads, newest first (the status page's history: OOM shrinks show here)."""
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(
+                loads.c.id, loads.c.worker_id, loads.c.model_path, loads.c.gpu_name,
+                loads.c.vram_cap, loads.c.n_ctx, loads.c.parallel, loads.c.n_gpu_layers,
+                loads.c.predicted_vram, loads.c.measured_vram, loads.c.plan, loads.c.outcome,
+                loads.c.cause, loads.c.started_at, loads.c.ended_at,
+            )
+            .order_by(loads.c.id.desc())
+            .limit(limit)
+        ).all()  # fmt: skip
+    return [dict(r._mapping) for r in rows]

@@ -46,6 +46,8 @@ class Job:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    energy_mj: int | None = None  # what the device used working on it (None: unknown)
+    energy_source: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -661,6 +663,30 @@ def export_rows(db: Database, job_id: int, statuses: Iterable[ItemStatus]) -> It
     )
     with db.engine.connect() as conn:
         yield from conn.execution_options(yield_per=1000).execute(query)
+
+
+def token_timeline(db: Database, job_id: int, last: int = 5000) -> list[tuple[datetime, int]]:
+    """(finished at, completion tokens) of the job's latest `last` results, oldest first."""
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(results.c.created_at, results.c.completion_tokens)
+            .join(items, items.c.id == results.c.item_id)
+            .where(items.c.job_id == job_id)
+            .order_by(results.c.id.desc())
+            .limit(last)
+        ).all()
+    return [(r[0], r[1]) for r in reversed(rows)]
+
+
+def add_energy(db: Database, job_id: int, millijoules: int, source: str) -> None:
+    """Add what one stretch of work on the job cost (a worker's batch)."""
+    with db.write() as conn:
+        conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(energy_mj=sa.func.coalesce(jobs.c.energy_mj, 0) + millijoules,
+                    energy_source=source)
+        )  # fmt: skip
 
 
 def _job(row: sa.Row[Any]) -> Job:

@@ -73,6 +73,10 @@ jobs = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("started_at", sa.DateTime, nullable=True),
     sa.Column("finished_at", sa.DateTime, nullable=True),
+    # Energy the worker's device used while working on the job (NVML's total-energy counter,
+    # or RAPL on the CPU), summed over its batches; NULL: not measured.
+    sa.Column("energy_mj", sa.BigInteger, nullable=True),
+    sa.Column("energy_source", sa.String(32), nullable=True),  # "nvml:GPU-…", "rapl"
 )
 
 items = sa.Table(
@@ -229,4 +233,41 @@ workers = sa.Table(
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("heartbeat_at", sa.DateTime, nullable=False),
     sa.Column("stopped_at", sa.DateTime, nullable=True),
+)
+
+
+# Files uploaded through `executor serve` (OpenAI's Files API): the bytes live in the data
+# folder under a name made from `id`, never from anything a client sent.
+api_files = sa.Table(
+    "api_files",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("public_id", sa.String(64), nullable=False, unique=True),  # "file-…"
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),  # batch, batch_output
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+# Batches created through `executor serve` (OpenAI's Batch API): each runs as one job once
+# its input file validates; its status is read from the job's.
+api_batches = sa.Table(
+    "api_batches",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("public_id", sa.String(64), nullable=False, unique=True),  # "batch_…"
+    sa.Column("input_file_id", sa.String(64), nullable=False),
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    sa.Column("completion_window", sa.String(16), nullable=False),
+    sa.Column("metadata", sa.JSON, nullable=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),  # validating, failed, submitted, cancelling
+    sa.Column("errors", sa.JSON, nullable=True),  # OpenAI's errors.data when validation failed
+    sa.Column("output_file_id", sa.String(64), nullable=True),
+    sa.Column("error_file_id", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("failed_at", sa.DateTime, nullable=True),
+    sa.Column("cancelling_at", sa.DateTime, nullable=True),
+    sa.Column("finalizing_at", sa.DateTime, nullable=True),
 )

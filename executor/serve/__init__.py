@@ -1,0 +1,1 @@
+"""`executor serve`: OpenAI's Files and Batch APIs and a status page over the queue."""

@@ -1,0 +1,86 @@
+"""The status page in a real browser: Debian's headless Chromium driven by Selenium, against
+a live `executor serve` while a worker drains a job. scripts/ensure-browser (run by
+`make test`) installs chromium and chromium-driver when they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from tests.helpers import run_cli, start_cli
+from tests.test_serve import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOT = ROOT / "out" / "status-page.png"
+
+
+def browser() -> webdriver.Chrome:
+    driver_path = shutil.which("chromedriver")
+    binary = shutil.which("chromium")
+    assert driver_path and binary, "chromium and chromedriver: run scripts/ensure-browser"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
+                "--disable-dev-shm-usage"):  # fmt: skip
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def progress(driver: webdriver.Chrome) -> str:
+    return driver.find_element(By.CSS_SELECTOR, "#jobs tr[data-job] .count").text
+
+
+@pytest.fixture
+def job(tmp_path: Path, db_path: Path, tiny_model: Path) -> int:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"item {i}"}) + "\n" for i in range(40)))
+    out = run_cli("submit", str(prompts), "--model", str(tiny_model), "--name", "nightly",
+                  db_path=db_path, check=True)  # fmt: skip
+    return int(out.stdout)
+
+
+def test_the_page_shows_progress_moving_without_console_errors(db_path, job, tmp_path):
+    server = Server(db_path)
+    card = json.dumps([{"name": "NVIDIA RTX 3060", "uuid": "GPU-fake-0", "total": 12 * 2**30,
+                        "watts": 170}])  # fmt: skip
+    env = {"EXECUTOR_ENGINE": "fake", "EXECUTOR_FAKE_TOKEN_SECONDS": "0.15",
+           "EXECUTOR_PARALLEL": "2", "EXECUTOR_FAKE_NVML": card}  # fmt: skip
+    worker = start_cli("run", "--until-empty", db_path=db_path, env=env)
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        assert driver.title == "executor"
+        assert "nightly" in driver.find_element(By.ID, "jobs").text
+        first = progress(driver)
+        deadline = time.monotonic() + 60
+        while progress(driver) == first:  # page.js refreshes every 2 s
+            assert time.monotonic() < deadline, f"progress stayed {first!r}"
+            time.sleep(0.5)
+        assert "live" in driver.find_element(By.ID, "workers").text
+        assert "updated" in driver.find_element(By.ID, "updated").text
+        assert driver.find_elements(By.CSS_SELECTOR, "#vram svg.vram rect")
+        assert driver.find_elements(By.CSS_SELECTOR, "#loads tbody tr")
+        worker.communicate(timeout=120)
+        deadline = time.monotonic() + 30
+        while "40 done" not in progress(driver):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert driver.find_elements(By.CSS_SELECTOR, "#jobs svg.spark polyline")
+        SHOT.parent.mkdir(exist_ok=True)
+        driver.save_screenshot(str(SHOT))
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors
+    finally:
+        driver.quit()
+        if worker.poll() is None:
+            worker.terminate()
+        server.stop()
