@@ -375,3 +375,36 @@ def test_energy_is_unknown_without_a_counter(tmp_path, db_path, tiny_model, monk
     (row,) = json.loads(run_cli("status", "--json", db_path=db_path, check=True).stdout)
     if not any(Path("/sys/class/powercap").glob("intel-rapl:[0-9]*/energy_uj")):
         assert row["energy_source"] == "unknown" and row["energy_wh"] is None
+
+
+def test_malformed_requests_get_openai_errors(server):
+    for method, path, kwargs in (
+        ("POST", "/v1/batches", {"content": b"{", "headers": {"content-type": "application/json"}}),
+        ("POST", "/v1/batches", {"json": ["a list"]}),
+        ("GET", "/v1/batches?limit=abc", {}),
+        ("GET", "/v1/batches?limit=0", {}),
+        ("POST", "/v1/files", {"content": b"x", "headers": {"content-type": "text/plain"}}),
+        ("POST", "/v1/files", {"files": {"purpose": (None, "batch")}}),
+    ):  # fmt: skip
+        response = httpx.request(method, server.url + path, **kwargs)
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], error
+    assert httpx.get(server.url + "/v1/files").json()["data"] == []
+
+
+def test_a_store_that_cannot_be_written_is_507_and_nothing_is_kept(
+    tmp_path, db_path, models_config
+):
+    run_cli("db", "upgrade", db_path=db_path)
+    (db_path.parent / "files").write_text("a file where the folder should be")
+    s = Server(db_path)
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            s.client().files.create(file=("ok.jsonl", b"{}\n"), purpose="batch")
+    finally:
+        err = s.stop()
+    assert caught.value.status_code == 507
+    assert "could not store the file" in caught.value.message
+    assert query(db_path, "SELECT count(*) FROM api_files") == [(0,)]
+    assert "upload not stored" in err

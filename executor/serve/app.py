@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -80,6 +81,13 @@ def create_app(
         headers = {"WWW-Authenticate": 'Basic realm="executor"'} if exc.status == 401 else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request body"
+        return JSONResponse(ApiError(400, message, param=where).body(), status_code=400)
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable[..., Any]) -> Response:
         response: Response = await call_next(request)
@@ -110,6 +118,10 @@ def create_app(
         except BadUpload as exc:
             await _discard(db, files, row.id)
             raise ApiError(400, str(exc)) from None
+        except OSError as exc:  # a full disk, a folder that is not writable
+            await _discard(db, files, row.id)
+            log.error("upload not stored: %s", exc)
+            raise ApiError(507, f"the server could not store the file: {exc.strerror}") from None
         except BaseException:
             await _discard(db, files, row.id)
             raise

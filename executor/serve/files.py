@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,7 +44,8 @@ class FileStore:
         return os.fdopen(fd, "wb")
 
     def remove(self, row_id: int) -> None:
-        self.path(row_id).unlink(missing_ok=True)
+        with suppress(FileNotFoundError, NotADirectoryError):
+            self.path(row_id).unlink()
 
 
 class Upload:
