@@ -408,3 +408,18 @@ def test_a_store_that_cannot_be_written_is_507_and_nothing_is_kept(
     assert "could not store the file" in caught.value.message
     assert query(db_path, "SELECT count(*) FROM api_files") == [(0,)]
     assert "upload not stored" in err
+
+
+def test_lists_page_as_the_client_expects(tmp_path, server):
+    client = server.client()
+    made = [upload(client, tmp_path, [chat_line(i)], f"f{i}.jsonl").id for i in range(5)]
+    first = client.files.list(limit=2)
+    assert [f.id for f in first.data] == made[::-1][:2] and first.has_more
+    assert [f.id for f in client.files.list(limit=2)] == made[::-1]  # the client pages on
+    assert [f.id for f in client.files.list(limit=2, order="asc")] == made
+    batches = [
+        client.batches.create(input_file_id=f, endpoint="/v1/chat/completions",
+                              completion_window="24h").id
+        for f in made[:3]
+    ]  # fmt: skip
+    assert [b.id for b in client.batches.list(limit=1)] == batches[::-1]

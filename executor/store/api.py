@@ -93,17 +93,8 @@ def list_files(
     query = sa.select(api_files).where(~api_files.c.deleted, api_files.c.bytes >= 0)
     if purpose:
         query = query.where(api_files.c.purpose == purpose)
-    order = api_files.c.id.desc() if newest_first else api_files.c.id.asc()
     with db.read() as conn:
-        if after:
-            anchor = conn.execute(
-                sa.select(api_files.c.id).where(api_files.c.public_id == after)
-            ).scalar()
-            if anchor is not None:
-                query = query.where(
-                    api_files.c.id < anchor if newest_first else api_files.c.id > anchor
-                )
-        rows = conn.execute(query.order_by(order).limit(limit)).all()
+        rows = _page(conn, query, api_files, after, limit, newest_first)
     return [_file(r) for r in rows]
 
 
@@ -153,15 +144,8 @@ def get_batch(db: Database, public_id: str) -> ApiBatch | None:
 
 def list_batches(db: Database, *, limit: int, after: str | None) -> list[ApiBatch]:
     """Newest first, as OpenAI lists them; `after`: the last id of the previous page."""
-    query = sa.select(api_batches)
     with db.read() as conn:
-        if after:
-            anchor = conn.execute(
-                sa.select(api_batches.c.id).where(api_batches.c.public_id == after)
-            ).scalar()
-            if anchor is not None:
-                query = query.where(api_batches.c.id < anchor)
-        rows = conn.execute(query.order_by(api_batches.c.id.desc()).limit(limit)).all()
+        rows = _page(conn, sa.select(api_batches), api_batches, after, limit, newest_first=True)
     return [_batch(r) for r in rows]
 
 
@@ -197,6 +181,23 @@ def update_batch(
         query = query.where(api_batches.c.state == only_state)
     with db.write() as conn:
         return conn.execute(query.values(**values)).rowcount > 0
+
+
+def _page(
+    conn: sa.Connection,
+    query: sa.Select[Any],
+    table: sa.Table,
+    after: str | None,
+    limit: int,
+    newest_first: bool,
+) -> list[sa.Row[Any]]:
+    """One page of a cursor list: the rows past `after` (a public id) in id order."""
+    if after:
+        anchor = conn.execute(sa.select(table.c.id).where(table.c.public_id == after)).scalar()
+        if anchor is not None:
+            query = query.where(table.c.id < anchor if newest_first else table.c.id > anchor)
+    order = table.c.id.desc() if newest_first else table.c.id.asc()
+    return list(conn.execute(query.order_by(order).limit(limit)).all())
 
 
 def _file(row: sa.Row[Any]) -> ApiFile:
