@@ -40,12 +40,15 @@ def submit(
     json_schema: dict[str, Any] | None = None,
     load: dict[str, Any] | None = None,
     min_vram: int | None = None,
+    origin: str | None = None,
 ) -> Submitted:
     """Validate `source` (a path or '-') and enqueue it; nothing is written if any line is bad.
 
     The same content with the same model and parameters returns the existing job unless
     `force`, so cron can resubmit a file safely. `json_schema` constrains every line without
     its own; `load` holds settings for loading the job's model (ctx, parallel, vram_cap).
+    `origin` (an API batch's id) is part of what makes a submission the same: the same file
+    in two batches is two jobs, the same batch submitted twice is one.
     """
     job_name = name or (None if source == "-" else Path(source).stem)
     if job_name is not None and (len(job_name) > MAX_NAME or not job_name.strip()):
@@ -95,7 +98,9 @@ def submit(
             params["load"] = load
         if min_vram:
             params["min_vram"] = min_vram
-        fingerprint = _fingerprint(scan.sha256, str(model), params)
+        fingerprint = _fingerprint(
+            scan.sha256, str(model), {**params, "origin": origin} if origin else params
+        )
         # Finding an earlier job and creating this one are one transaction (under SQLite's
         # write lock or a PostgreSQL advisory lock on the fingerprint): twins queue one job.
         job, created = queue.create_job(

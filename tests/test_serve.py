@@ -423,3 +423,35 @@ def test_lists_page_as_the_client_expects(tmp_path, server):
         for f in made[:3]
     ]  # fmt: skip
     assert [b.id for b in client.batches.list(limit=1)] == batches[::-1]
+
+
+def test_a_batch_validated_twice_is_one_job_and_one_file_in_two_batches_is_two(
+    tmp_path, db_path, models_config
+):
+    """A server stopped between submitting a batch's job and marking the batch finds the same
+    job when it validates again; the same bytes in two batches are two jobs."""
+    from executor.config import load_settings
+    from executor.serve import batches as service
+    from executor.serve.files import FileStore
+    from executor.store import api, open_database
+
+    settings = load_settings({"db": str(db_path)})
+    db = open_database(settings.db_url, create=True)
+    files = FileStore(tmp_path / "files")
+    row = api.reserve_file(db, filename="in.jsonl", purpose="batch")
+    with files.open_new(row.id) as f:
+        f.write((chat_line(0) + "\n").encode())
+    api.finish_file(db, row.id, files.path(row.id).stat().st_size)
+    first = api.create_batch(db, input_file_id=row.public_id, endpoint="/v1/chat/completions",
+                             completion_window="24h", metadata=None)  # fmt: skip
+    service.validate(db, settings, files, first)
+    again = api.get_batch(db, first.public_id)
+    assert again is not None and again.state == "submitted"
+    api.update_batch(db, first.id, state="validating", job_id=None)  # as if never marked
+    service.validate(db, settings, files, api.get_batch(db, first.public_id))
+    assert api.get_batch(db, first.public_id).job_id == again.job_id
+    second = api.create_batch(db, input_file_id=row.public_id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata=None)  # fmt: skip
+    service.validate(db, settings, files, second)
+    assert api.get_batch(db, second.public_id).job_id != again.job_id
+    assert query(db_path, "SELECT count(*) FROM jobs") == [(2,)]

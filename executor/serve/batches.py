@@ -200,9 +200,12 @@ def validate(db: Database, settings: Settings, files: FileStore, batch: ApiBatch
         _fail(db, batch, wrong)
         return
     try:
+        # Idempotent per batch: a server stopped between this and the state change below
+        # finds the same job when it validates the batch again.
         done = submit(
-            settings, db, str(path), name=f"{batch.public_id} ({source.filename})"[:200], force=True
-        )
+            settings, db, str(path), name=f"{batch.public_id} ({source.filename})"[:200],
+            origin=batch.public_id,
+        )  # fmt: skip
     except InputError as exc:
         errors = [_line_error(p) for p in exc.problems[:1000]] or [_error("invalid_file", str(exc))]
         _fail(db, batch, errors)
