@@ -650,7 +650,7 @@ def serve(
             "--api-key",
             envvar="EXECUTOR_API_KEY",
             help="Clients must send it (Authorization: Bearer KEY; a browser: any user, the "
-            "key as password). [env EXECUTOR_API_KEY]",
+            "key as password).",
             show_default=False,
         ),
     ] = None,
@@ -663,8 +663,8 @@ def serve(
 ) -> None:
     """Serve OpenAI's Batch API (/v1/files, /v1/batches) and a status page at /.
 
-    Code written for OpenAI's batch API works unchanged against it: OpenAI(base_url=
-    "http://127.0.0.1:8484/v1", api_key="local"). The models run in `executor run` next to
+    Code written for OpenAI's batch API works unchanged against it, given
+    base_url="http://127.0.0.1:8484/v1" and any api_key. The models run in `executor run` next to
     it (or on other machines sharing the database); body.model resolves through `models:`
     of the config file, as in `submit`. Binds 127.0.0.1 by default; any other address
     needs --api-key. Files live beside the SQLite database (else the data folder).

@@ -455,3 +455,9 @@ def test_a_batch_validated_twice_is_one_job_and_one_file_in_two_batches_is_two(
     service.validate(db, settings, files, second)
     assert api.get_batch(db, second.public_id).job_id != again.job_id
     assert query(db_path, "SELECT count(*) FROM jobs") == [(2,)]
+
+
+def test_a_port_in_use_is_one_clear_line(db_path, server):
+    taken = run_cli_process("serve", "--port", str(server.port), db_path=db_path, timeout=60)
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in taken.stderr
+    assert "--port" in taken.stderr and "Traceback" not in taken.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 
 from executor.config import Settings
 from executor.errors import UsageError
@@ -22,6 +23,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port in use is the user's to fix, said in one line (uvicorn would exit 1)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(
+                f"cannot listen on {host}:{port}: {exc.strerror}",
+                hint="another `executor serve` (or program) has it: pick one with --port",
+            ) from None
 
 
 def serve(
@@ -46,6 +61,7 @@ def serve(
         limit = parse_size(max_upload)
     except ValueError as exc:
         raise UsageError(f"--max-upload: {exc}") from None
+    _check_port(host, port)
     files = FileStore(files_folder(settings))
     app = create_app(settings, db, files, ServeOptions(api_key=api_key, max_upload=limit))
     log.info("serving http://%s:%d/ (files in %s)", host, port, files.folder)
