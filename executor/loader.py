@@ -316,7 +316,7 @@ def _cpu_parallel(
             n,
             (),
             (
-                f"parallel {n}: the fewest sequences within {decode_rates.WITHIN:.0%} of the best "
+                f"parallel {n}: the most sequences within {decode_rates.WITHIN:.0%} of the best "
                 f"decode rate measured on this host ({decode_rates.describe(rates)}){why}"
             ),
         )
@@ -325,7 +325,7 @@ def _cpu_parallel(
         decode_rates.candidates(most),
         (
             f"parallel up to {most}: decode rates are measured when the model loads (once per "
-            f"model, host and thread count) and the fewest sequences within "
+            f"model, host and thread count) and the most sequences within "
             f"{decode_rates.WITHIN:.0%} of the best are used{why}"
         ),
     )
@@ -801,7 +801,7 @@ class ModelLoader:
             load_store.remember_decode_rates(self.db, sha, socket.gethostname(), threads, rates)
         picked = int(proc.info.get("parallel", plan.request.parallel))
         log.info(
-            "parallel %d: the fewest sequences within %.0f%% of the best decode rate measured "
+            "parallel %d: the most sequences within %.0f%% of the best decode rate measured "
             "now with %d threads (%s)",
             picked,
             decode_rates.WITHIN * 100,
