@@ -136,9 +136,8 @@ def test_auto_parallel_is_measured_once_then_read_back(tmp_path, db_path, tiny_m
     assert json.loads(rates) == {str(n): 100.0 * min(n, 8) for n in candidates(20)}
     run_cli("submit", str(path), "--model", str(tiny_model), "--force", db_path=db_path, check=True)
     second = run_cli("run", "--until-empty", db_path=db_path, env=FAKE, check=True)
-    assert (
-        "parallel 20: the most sequences within 2% of the best decode rate measured on this"
-        in (second.stderr)
+    assert "parallel 20: the most sequences within 2% of the best decode rate measured on this" in (
+        second.stderr
     )
     assert "measured now" not in second.stderr
     assert query(db_path, "SELECT parallel FROM loads ORDER BY id") == [(20,), (20,)]
