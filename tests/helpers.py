@@ -195,3 +195,35 @@ def tiny_info(**fields: object):
     )
     base.update(fields)
     return ModelInfo(**base)  # type: ignore[arg-type]
+
+
+def table_counts(db_path: Path) -> tuple:
+    """(jobs, items, results) in a SQLite database; zeros when there is no file."""
+    if not db_path.exists():
+        return (0, 0, 0)
+    return query(
+        db_path,
+        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM items), "
+        "(SELECT count(*) FROM results)",
+    )[0]
+
+
+def generate_in_process(spec, log: Path, requests: list) -> dict[int, str]:
+    """Run one batch through a real model process (`spec`: a LoadSpec); item id → output."""
+    from executor.records import BatchDone, ItemDone, ItemFailed
+    from executor.supervisor import ModelProcess
+
+    proc = ModelProcess(spec, log)
+    proc.start()
+    outputs: dict[int, str] = {}
+    try:
+        for event in proc.run(requests):
+            if isinstance(event, ItemDone):
+                outputs[event.item_id] = event.record.output
+            elif isinstance(event, ItemFailed):
+                raise AssertionError(event.reason)
+            elif isinstance(event, BatchDone):
+                break
+    finally:
+        proc.stop()
+    return outputs

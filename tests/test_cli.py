@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import query, read_jsonl, run_cli, write_jsonl
+from tests.helpers import query, read_jsonl, run_cli, table_counts, write_jsonl
 
 BAD_LINES = [
     b"not json at all",
@@ -19,16 +18,6 @@ BAD_LINES = [
     b'{"messages": [{"role": "user"}]}',
     b'{"prompt": "x", "temperature": "hot"}',
 ]
-
-
-def table_counts(db_path: Path) -> tuple:
-    if not db_path.exists():
-        return (0, 0, 0)
-    return query(
-        db_path,
-        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM items), "
-        "(SELECT count(*) FROM results)",
-    )[0]
 
 
 @pytest.mark.parametrize("bad", BAD_LINES, ids=range(len(BAD_LINES)))

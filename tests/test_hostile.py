@@ -29,6 +29,7 @@ from tests.helpers import (
     read_jsonl,
     run_cli,
     run_cli_process,
+    table_counts,
     write_jsonl,
 )
 from tests.synthetic_gguf import write_moe_gguf
@@ -41,16 +42,6 @@ def by_id(db_path: Path, job: str) -> dict[str, dict]:
     """The job's export with failed items, by custom_id."""
     lines = read_jsonl(run_cli("export", job, "--include-failed", db_path=db_path).stdout)
     return {r["custom_id"]: r for r in lines}
-
-
-def counts(db_path: Path) -> tuple:
-    if not db_path.exists():
-        return (0, 0, 0)
-    return query(
-        db_path,
-        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM items), "
-        "(SELECT count(*) FROM results)",
-    )[0]
 
 
 # --- input lines ---------------------------------------------------------------------------------
@@ -93,13 +84,13 @@ def test_bad_lines_are_line_errors(tmp_path, db_path, tiny_model, line, message)
     path = tmp_path / "in.jsonl"
     path.write_bytes(GOOD + line + b"\n")
     run_cli("db", "upgrade", db_path=db_path, check=True)
-    before = counts(db_path)
+    before = table_counts(db_path)
     started = time.monotonic()
     result = run_cli("submit", str(path), "--model", str(tiny_model), db_path=db_path)
     assert result.returncode == 2, result.stderr
     assert f"{path}:2: " in result.stderr and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
-    assert counts(db_path) == before
+    assert table_counts(db_path) == before
     assert time.monotonic() - started < 60  # bounded work, whatever the line
 
 
@@ -205,7 +196,7 @@ def test_non_numbers_are_refused_everywhere(tmp_path, db_path, tiny_model, how, 
     )
     assert result.returncode == 2, result.stderr
     assert "finite number" in result.stderr or "expected an integer" in result.stderr
-    assert counts(db_path) == (0, 0, 0)
+    assert table_counts(db_path) == (0, 0, 0)
 
 
 def test_non_numbers_in_config_and_specs(tmp_path, db_path):
@@ -300,7 +291,7 @@ def test_a_spec_whose_output_is_a_directory_is_refused_before_running(tmp_path, 
     assert (
         result.returncode == 2 and "output" in result.stderr and "is a directory" in result.stderr
     )
-    assert counts(db_path) == (0, 0, 0)
+    assert table_counts(db_path) == (0, 0, 0)
 
 
 # --- what cannot be stored -----------------------------------------------------------------------

@@ -13,9 +13,9 @@ import pytest
 from executor.gguf_info import read_model_info
 from executor.placement import Placement, rules
 from executor.plan import MiB, PlanRequest, make_plan
-from executor.records import BatchDone, GenerationRequest, ItemDone, ItemFailed, LoadSpec
-from executor.supervisor import ModelProcess, dry_run
-from tests.helpers import query, read_jsonl, run_cli, write_jsonl
+from executor.records import GenerationRequest, LoadSpec
+from executor.supervisor import dry_run
+from tests.helpers import generate_in_process, query, read_jsonl, run_cli, write_jsonl
 from tests.synthetic_gguf import write_moe_gguf
 
 pytestmark = pytest.mark.model
@@ -31,20 +31,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def generate(spec: LoadSpec, log: Path, requests: list[GenerationRequest]) -> dict[int, str]:
-    proc = ModelProcess(spec, log)
-    proc.start()
-    outputs: dict[int, str] = {}
-    try:
-        for event in proc.run(requests):
-            if isinstance(event, ItemDone):
-                outputs[event.item_id] = event.record.output
-            elif isinstance(event, ItemFailed):
-                raise AssertionError(event.reason)
-            elif isinstance(event, BatchDone):
-                break
-    finally:
-        proc.stop()
-    return outputs
+    return generate_in_process(spec, log, requests)
 
 
 def chats(n: int) -> list[GenerationRequest]:

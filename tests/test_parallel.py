@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.records import BatchDone, GenerationRequest, ItemDone, ItemFailed, LoadSpec
-from executor.supervisor import ModelProcess
-from tests.helpers import ROOT, read_jsonl, run_cli, write_jsonl
+from executor.records import GenerationRequest, LoadSpec
+from tests.helpers import ROOT, generate_in_process, read_jsonl, run_cli, write_jsonl
 
 pytestmark = pytest.mark.model
 
@@ -46,20 +45,7 @@ def generate(
     spec = LoadSpec(
         engine="llama", model_path=str(model), n_ctx=1024, n_gpu_layers=0, parallel=parallel
     )
-    proc = ModelProcess(spec, log)
-    proc.start()
-    outputs: dict[int, str] = {}
-    try:
-        for event in proc.run(requests):
-            if isinstance(event, ItemDone):
-                outputs[event.item_id] = event.record.output
-            elif isinstance(event, ItemFailed):
-                raise AssertionError(event.reason)
-            elif isinstance(event, BatchDone):
-                break
-    finally:
-        proc.stop()
-    return outputs
+    return generate_in_process(spec, log, requests)
 
 
 def test_chat_prompts_tokenize_exactly_as_create_chat_completion(default_model):

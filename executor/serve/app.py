@@ -125,7 +125,7 @@ def create_app(
         except BaseException:
             await _discard(db, files, row.id)
             raise
-        await run_in_threadpool(_rename, db, row.id, form.filename or "upload.jsonl")
+        await run_in_threadpool(store.rename_file, db, row.id, form.filename or "upload.jsonl")
         found = await run_in_threadpool(store.get_file, db, row.public_id)
         assert found is not None
         return service.file_object(found)
@@ -268,10 +268,6 @@ def _page(data: list[dict[str, Any]], more: bool) -> dict[str, Any]:
         "last_id": data[-1]["id"] if data else None,
         "has_more": more,
     }
-
-
-def _rename(db: Database, row_id: int, filename: str) -> None:
-    store.rename_file(db, row_id, filename)
 
 
 async def _discard(db: Database, files: FileStore, row_id: int) -> None:
