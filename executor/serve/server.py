@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -33,9 +34,12 @@ def _check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
+            in_use = exc.errno == errno.EADDRINUSE
             raise UsageError(
                 f"cannot listen on {host}:{port}: {exc.strerror}",
-                hint="another `executor serve` (or program) has it: pick one with --port",
+                hint="another `executor serve` (or program) has it: pick one with --port"
+                if in_use
+                else "--host must be an address (or name) of this machine, e.g. 127.0.0.1",
             ) from None
 
 
