@@ -779,7 +779,7 @@ def workers(
 ) -> None:
     """List workers, live first: host, GPU, model loaded, current job, tokens/s, heartbeat.
 
-    A worker is live while its heartbeat (every third of --lease-seconds) is recent.
+    A worker is live while its heartbeat (every few seconds) is recent.
     """
     from executor.store import workers as registry
 

@@ -26,6 +26,11 @@ class LineError(ValueError):
     """What is wrong with one input line."""
 
 
+class RequestError(LineError):
+    """What is wrong with the request an OpenAI batch line carries (not with the line):
+    OpenAI answers such a request alone, with a 400 in the error file, and runs the rest."""
+
+
 ModelResolver = Callable[[str], str]  # a model name from a line → GGUF path; LineError if none
 
 

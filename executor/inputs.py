@@ -8,7 +8,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,6 +17,7 @@ from executor.fields import (
     PARAM_KEYS,
     LineError,
     ModelResolver,
+    RequestError,
     bound_schema,
     check_custom_id,
     check_strings,
@@ -42,6 +43,7 @@ class Entry:
     error: str | None = None
     raw: str = ""
     model: str | None = None  # the GGUF an OpenAI batch line's body.model maps to
+    refused: bool = False  # the line is sound but its request is not (fields.RequestError)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Scan:
     sha256: str = ""
     valid: int = 0
     invalid: int = 0
+    refused: int = 0  # requests refused one by one (only when the file asks for it)
     problems: list[str] = field(default_factory=list)
     models: dict[str, int] = field(default_factory=dict)  # model named by lines → first line
 
@@ -69,12 +72,18 @@ class PromptFile:
         *,
         max_tokens: int = 256,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        display: str | None = None,
+        refuse_requests: bool = False,
     ) -> None:
         self.source = source
         self.model_for = model_for
         self.max_tokens = max_tokens  # the job's default, for bounding JSON schemas
         self.max_line_bytes = max_line_bytes
-        self.display = "<stdin>" if source == "-" else source
+        # How messages name the file (a server names an upload by its filename, not its path).
+        self.display = display or ("<stdin>" if source == "-" else source)
+        # OpenAI's way: a bad request is refused alone (an invalid item with its reason), a
+        # bad line fails the file.
+        self.refuse_requests = refuse_requests
         self._spool: IO[bytes] | None = None
         if source == "-":
             self._spool = _spool(sys.stdin.buffer, "<stdin>")
@@ -126,7 +135,10 @@ class PromptFile:
                         raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
                     if not raw.strip():
                         continue
-                    yield _entry(raw, number, seen, self.model_for, self.max_tokens)
+                    entry = _entry(raw, number, seen, self.model_for, self.max_tokens)
+                    if entry.refused and not self.refuse_requests:
+                        entry = replace(entry, refused=False)
+                    yield entry
         except OSError as exc:
             raise InputError(
                 f"{self.display}: cannot be read ({exc.strerror or exc})",
@@ -142,12 +154,14 @@ class PromptFile:
                 result.valid += 1
                 if entry.model is not None:
                     result.models.setdefault(entry.model, entry.line)
+            elif entry.refused:
+                result.refused += 1
             else:
                 result.invalid += 1
                 if len(result.problems) < MAX_REPORTED:
                     result.problems.append(f"{self.display}:{entry.line}: {entry.error}")
         result.sha256 = digest.hexdigest()
-        if result.valid + result.invalid == 0:
+        if result.valid + result.invalid + result.refused == 0:
             raise InputError(f"{self.display}: empty file: no prompts to run")
         return result
 
@@ -221,28 +235,51 @@ def _entry(
         )
     text = text.rstrip("\r\n")
     custom_id = str(number)
-    raw_text = text
+    refusal: RequestError | None = None
     try:
         data = _load_object(text)
         check_strings(data)
         if "custom_id" in data:
             custom_id = check_custom_id(data["custom_id"])
-        model = None
-        if "body" in data or "url" in data:  # an OpenAI Batch API line
-            request, model = parse_openai_line(data, model_for)
-        else:
-            request = parse_request(data)
-        if "json_schema" in request:
-            limit = request.get("params", {}).get("max_tokens", max_tokens)
-            request["json_schema"] = bound_schema(request["json_schema"], limit)
+        try:
+            request, model = _parse(data, model_for, max_tokens)
+        except RequestError as exc:
+            refusal = exc
         if custom_id in seen:
             raise LineError(f"duplicate custom_id {custom_id!r} (first on line {seen[custom_id]})")
     except LineError as exc:
-        # What cannot be stored is not kept, even as the raw line of an invalid item.
-        stored = raw_text if _storable(raw_text) else raw.decode("ascii", "backslashreplace")
-        return Entry(number, custom_id, error=str(exc), raw=stored)
-    seen[custom_id] = number
+        return Entry(number, custom_id, error=str(exc), raw=_stored(text, raw))
+    seen[custom_id] = number  # custom_ids stay unique, refused requests' too
+    if refusal is not None:
+        return Entry(number, custom_id, error=str(refusal), raw=_stored(text, raw), refused=True)
     return Entry(number, custom_id, request=request, raw=text, model=model)
+
+
+def _parse(
+    data: dict[str, Any], model_for: ModelResolver | None, max_tokens: int
+) -> tuple[dict[str, Any], str | None]:
+    """The stored request of a parsed line, and the model its OpenAI body names; a problem
+    inside an OpenAI line's body is a RequestError."""
+    openai = "body" in data or "url" in data
+    model = None
+    if openai:
+        request, model = parse_openai_line(data, model_for)
+    else:
+        request = parse_request(data)
+    if "json_schema" in request:
+        limit = request.get("params", {}).get("max_tokens", max_tokens)
+        try:
+            request["json_schema"] = bound_schema(request["json_schema"], limit)
+        except LineError as exc:
+            if openai:
+                raise RequestError(str(exc)) from None
+            raise
+    return request, model
+
+
+def _stored(text: str, raw: bytes) -> str:
+    """The raw line as an invalid item keeps it: what cannot be stored is escaped."""
+    return text if _storable(text) else raw.decode("ascii", "backslashreplace")
 
 
 def _storable(text: str) -> bool:

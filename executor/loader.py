@@ -173,9 +173,13 @@ def plan_for(
     info = read_model_info(path)
     probe, device = _device(settings, nvml, gpu_total)
     offload_warning = ""
+    cpu_reason = PlanRequest.cpu_reason
     if not gpu_total:
         ask = build_offloads or build_can_offload
+        unused = device
         offload_warning, device = check_offload(settings, device, ask)
+        if unused is not None and device is None:
+            cpu_reason = f"{unused.name} is not used (this llama-cpp-python cannot offload)"
     cap = (
         parse_cap(settings.vram_cap).resolve(device.total) if settings.vram_cap and device else None
     )
@@ -206,6 +210,7 @@ def plan_for(
     known = Placement.from_dict(stored) if stored else None
     request = replace(
         base,
+        cpu_reason=cpu_reason,
         parallel=int(parallel),
         n_ubatch=n_ubatch,
         n_batch=max(settings.n_batch, n_ubatch),

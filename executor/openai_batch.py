@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from executor import fields
-from executor.fields import LineError, ModelResolver
+from executor.fields import LineError, ModelResolver, RequestError
+from executor.records import CLIENT_FAULTS, FailCode
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 LINE_KEYS = {"custom_id", "method", "url", "body"}
@@ -39,7 +40,21 @@ IGNORED_BODY_KEYS = {"user", "metadata", "store", "service_tier", "stream", "str
 def parse_openai_line(
     data: dict[str, Any], model_for: ModelResolver | None
 ) -> tuple[dict[str, Any], str | None]:
-    """Validate an OpenAI batch line; return our stored request and the GGUF its model maps to."""
+    """Validate an OpenAI batch line; return our stored request and the GGUF its model maps to.
+
+    A bad envelope (custom_id, method, url, a body that is not an object) is a LineError,
+    which fails a whole batch as OpenAI fails it; anything wrong inside the body is a
+    RequestError, which OpenAI answers for that request alone."""
+    body, url = _envelope(data)
+    try:
+        return _request(body, url, model_for)
+    except RequestError:
+        raise
+    except LineError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def _envelope(data: dict[str, Any]) -> tuple[dict[str, Any], str]:
     unknown = sorted(set(data) - LINE_KEYS)
     if unknown:
         raise LineError(
@@ -57,6 +72,12 @@ def parse_openai_line(
     body = data.get("body")
     if not isinstance(body, dict):
         raise LineError(f"body must be an object, got {fields.kind_of(body)}")
+    return body, url
+
+
+def _request(
+    body: dict[str, Any], url: str, model_for: ModelResolver | None
+) -> tuple[dict[str, Any], str | None]:
     unknown = sorted(set(body) - BODY_KEYS - IGNORED_BODY_KEYS)
     if unknown:
         raise LineError(f"body.{unknown[0]} is not supported")
@@ -170,16 +191,28 @@ def response_line(row: Any, job_id: int, created: int | None = None) -> dict[str
 
 
 def error_line(row: Any, job_id: int) -> dict[str, Any]:
-    """A batch error line for a failed, invalid or cancelled item."""
-    code = {"invalid": "invalid_request", "cancelled": "cancelled"}.get(
-        str(row["status"]), "generation_failed"
-    )
-    return {
-        "id": f"batch_req_{_request_id(job_id, row['custom_id'])}",
-        "custom_id": row["custom_id"],
-        "response": None,
-        "error": {"code": code, "message": row["error"] or str(row["status"])},
+    """A batch error line for a failed, invalid or cancelled item, as OpenAI writes them: a
+    request that was answered with an error has a response with the status code and an
+    error body (400: the request's own fault; 500: ours); one that never ran because the
+    batch was cancelled has only `error`."""
+    request_id = _request_id(job_id, row["custom_id"])
+    line: dict[str, Any] = {"id": f"batch_req_{request_id}", "custom_id": row["custom_id"]}
+    status = str(row["status"])
+    if status == "cancelled":
+        message = "This request was not run because the batch was cancelled."
+        return {**line, "response": None, "error": {"code": "batch_cancelled", "message": message}}
+    default = FailCode.INVALID_REQUEST if status == "invalid" else FailCode.FAILED
+    code = FailCode(row["error_code"]) if row["error_code"] else default
+    client = code in CLIENT_FAULTS
+    error = {
+        "message": row["error"] or status,
+        "type": "invalid_request_error" if client else "server_error",
+        "param": None,
+        "code": code.value,
     }
+    response = {"status_code": 400 if client else 500, "request_id": request_id,
+                "body": {"error": error}}  # fmt: skip
+    return {**line, "response": response, "error": None}
 
 
 def _request_id(job_id: int, custom_id: str) -> str:

@@ -99,6 +99,8 @@ class PlanRequest:
     correction: int = 0  # bytes measured beyond the estimate on this model/card before
     known: Placement | None = None  # a placement remembered to have worked here
     ram_available: int | None = None  # system RAM available (None: not checked)
+    # Why there is no device to plan for: no card, or one this llama.cpp build cannot use.
+    cpu_reason: str = "no NVIDIA GPU"
 
 
 @dataclass(frozen=True)
@@ -408,7 +410,7 @@ def make_plan(model: ModelInfo, device: Device | None, req: PlanRequest) -> Plan
         )
     if device is None:
         placement = Placement(0)
-        notes.append("no NVIDIA GPU: the whole model runs on the CPU")
+        notes.append(f"{req.cpu_reason}: the whole model runs on the CPU")
     elif req.gpu_layers is not None:
         k = max_layers if req.gpu_layers < 0 else min(req.gpu_layers, max_layers)
         placement = Placement(k)

@@ -46,11 +46,14 @@ class ProgressDisplay:
         if self.status is not None:
             self.status.show(bar(job))
             return
+        # Items in flight count as far as they have come: "0/60 items (+12.4 in flight)".
+        live = f" (+{job.live_items:.1f} in flight)" if job.live_items >= 0.05 else ""
         log.info(
-            "progress job %s: %d/%d items, %d failed, %.1f tok/s, ETA %s",
+            "progress job %s: %d/%d items%s, %d failed, %.1f tok/s, ETA %s",
             job.job_id,
             job.done,
             job.total,
+            live,
             job.failed,
             job.tokens_per_s,
             format_duration(eta),
@@ -58,7 +61,9 @@ class ProgressDisplay:
                 "job": job.job_id,
                 "done": job.done,
                 "total": job.total,
+                "in_flight": round(job.live_items, 2),
                 "failed": job.failed,
+                "tokens": job.all_tokens,
                 "tokens_per_s": round(job.tokens_per_s, 2),
                 "eta_s": None if eta is None else round(eta),
             },
@@ -66,8 +71,9 @@ class ProgressDisplay:
 
 
 def bar(job: JobCounts, width: int = 24) -> str:
-    """`job 3 (nightly) ████████░░░░ 120/300, 2 failed  41.3 tok/s  ETA 4m10s`"""
-    fraction = job.done / job.total if job.total else 1.0
+    """`job 3 (nightly) ████████░░░░ 120/300, 2 failed  41.3 tok/s  ETA 4m10s`: the bar
+    counts the items in flight as far as they have come."""
+    fraction = min((job.done + job.live_items) / job.total, 1.0) if job.total else 1.0
     filled = int(fraction * width)
     failed = f", {job.failed} failed" if job.failed else ""
     return (

@@ -16,6 +16,7 @@ Pipe messages, in order of a model process's life:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from executor.cpus import threads_for
@@ -40,6 +41,25 @@ PARAM_BOUNDS: dict[str, tuple[float, float | None]] = {
 INTEGER_PARAMS = ("max_tokens", "top_k", "seed")
 # The parameters a job sets for all its lines (submit's flags, a spec's keys, the settings).
 JOB_PARAMS = ("max_tokens", "temperature", "top_p", "seed")
+
+
+class FailCode(StrEnum):
+    """Why one item failed, kept with it: OpenAI's batch output answers the request's own
+    faults with a 400 and the server's with a 500 (`CLIENT_FAULTS`)."""
+
+    INVALID_REQUEST = "invalid_request"  # the line was refused (n > 1, an unknown model, ...)
+    CONTEXT_LENGTH = "context_length_exceeded"  # the prompt does not fit the context
+    BAD_SCHEMA = "invalid_json_schema"  # no grammar can be made from its json_schema
+    BAD_PROMPT = "invalid_prompt"  # its messages cannot be rendered with the chat template
+    CRASHED = "crashed"  # it crashed the model process max_attempts times
+    UNSTORABLE = "unstorable_output"  # the answer holds what no database can store
+    MODEL_FAILED = "model_failed"  # the job's model would not load at all
+    FAILED = "generation_failed"  # anything else
+
+
+CLIENT_FAULTS = frozenset(
+    {FailCode.INVALID_REQUEST, FailCode.CONTEXT_LENGTH, FailCode.BAD_SCHEMA, FailCode.BAD_PROMPT}
+)
 
 
 @dataclass(frozen=True)
@@ -263,12 +283,16 @@ class ItemFailed:
 
     item_id: int
     reason: str
+    code: FailCode = FailCode.FAILED
 
 
 @dataclass(frozen=True)
 class Progress:
     """The model is decoding (sent at most once a second): a process that stops sending
-    anything while items are in flight is hung, and the parent kills it."""
+    anything while items are in flight is hung, and the parent kills it. `tokens`: what
+    each item in flight has generated so far (live tok/s and ETA before any item ends)."""
+
+    tokens: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from executor.errors import InputError, UsageError
 from executor.fields import LineError, ModelResolver, bound_schema
 from executor.inputs import PromptFile, format_problems
 from executor.models import resolve_model
+from executor.records import FailCode
 from executor.store import Database, queue
 from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus
@@ -41,6 +42,8 @@ def submit(
     load: dict[str, Any] | None = None,
     min_vram: int | None = None,
     origin: str | None = None,
+    display: str | None = None,
+    refuse_requests: bool = False,
 ) -> Submitted:
     """Validate `source` (a path or '-') and enqueue it; nothing is written if any line is bad.
 
@@ -48,7 +51,10 @@ def submit(
     `force`, so cron can resubmit a file safely. `json_schema` constrains every line without
     its own; `load` holds settings for loading the job's model (ctx, parallel, vram_cap).
     `origin` (an API batch's id) is part of what makes a submission the same: the same file
-    in two batches is two jobs, the same batch submitted twice is one.
+    in two batches is two jobs, the same batch submitted twice is one. `display` names the
+    file in messages; `refuse_requests` (OpenAI's batch semantics, for the server): a line
+    whose request cannot be served is queued as an invalid item with its reason, while a
+    line that is itself bad still refuses the whole file.
     """
     job_name = name or (None if source == "-" else Path(source).stem)
     if job_name is not None and (len(job_name) > MAX_NAME or not job_name.strip()):
@@ -67,6 +73,8 @@ def submit(
         _model_resolver(settings),
         max_tokens=settings.max_tokens,
         max_line_bytes=settings.max_line_bytes,
+        display=display,
+        refuse_requests=refuse_requests,
     )
     try:
         scan = prompts.scan()
@@ -78,7 +86,7 @@ def submit(
                 problems=format_problems(scan),
                 total=scan.invalid,
             )
-        if scan.valid == 0:
+        if scan.valid == 0 and not scan.refused:
             raise InputError(
                 f"{prompts.display}: no valid lines; nothing was queued",
                 problems=format_problems(scan),
@@ -117,7 +125,8 @@ def submit(
         )
         if not created:
             return Submitted(job.id, False, job.item_count, 0)
-        return Submitted(job.id, True, scan.valid + scan.invalid, scan.invalid)
+        rejected = scan.invalid + scan.refused
+        return Submitted(job.id, True, scan.valid + rejected, rejected)
     finally:
         prompts.close()
 
@@ -135,6 +144,7 @@ def _new_items(prompts: PromptFile, expected_sha256: str) -> Iterator[NewItem]:
                 {"raw": entry.raw},
                 status=ItemStatus.INVALID,
                 error=entry.error,
+                error_code=FailCode.INVALID_REQUEST,
             )
     if digest.hexdigest() != expected_sha256:
         raise InputError(f"{prompts.display} changed while it was being read; nothing was queued")

@@ -58,7 +58,7 @@ class Tick:
     """Nothing happened for a while: time for heartbeats, progress and stop checks."""
 
 
-Event = ItemStarted | ItemDone | ItemFailed | Died | Tick | BatchDone
+Event = ItemStarted | ItemDone | ItemFailed | Progress | Died | Tick | BatchDone
 
 
 class ModelLoadFailed(Exception):
@@ -259,8 +259,6 @@ class ModelProcess:
                     yield self._died()
                     return
                 heard = time.monotonic()
-                if isinstance(message, Progress):
-                    continue
                 if isinstance(message, BatchDone):
                     if message.number < self._batches:
                         continue  # idle a moment before the next batch arrived: it runs now

@@ -23,7 +23,15 @@ from executor import energy, gpu
 from executor.config import Settings, xdg_dir
 from executor.errors import ModelError, UnstorableResult
 from executor.loader import Loaded, ModelLoader
-from executor.records import BatchDone, GenerationRequest, ItemDone, ItemFailed, ItemStarted
+from executor.records import (
+    BatchDone,
+    FailCode,
+    GenerationRequest,
+    ItemDone,
+    ItemFailed,
+    ItemStarted,
+    Progress,
+)
 from executor.store import Database, queue
 from executor.store import workers as registry
 from executor.store.locks import worker_lock
@@ -33,6 +41,8 @@ from executor.supervisor import Died, Tick
 from executor.workload import context_for, job_context_need
 
 log = logging.getLogger(__name__)
+
+BEAT_SECONDS = 5.0  # registry heartbeats: what `workers` and the page show is this fresh
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,8 @@ class RunSummary:
 
 @dataclass
 class JobCounts:
-    """The job a worker is on: its items so far, and this run's pace on it."""
+    """The job a worker is on: its items so far, and this run's pace on it, counted in
+    tokens as they are generated (a wave of 60 sequences finishes nothing for a while)."""
 
     job_id: int
     label: str
@@ -62,7 +73,9 @@ class JobCounts:
     done: int  # finished items, those of earlier runs included
     failed: int = 0  # failed in this run
     items: int = 0  # finished in this run
-    tokens: int = 0  # completion tokens of this run
+    tokens: int = 0  # completion tokens of this run's finished items
+    live_tokens: int = 0  # tokens generated so far by the items in flight
+    live_items: float = 0.0  # the items in flight, each counted as generated / max_tokens
     started: float = field(default_factory=time.monotonic)
 
     def add(self, tokens: int, *, failed: bool = False) -> None:
@@ -72,16 +85,23 @@ class JobCounts:
         self.tokens += tokens
 
     @property
+    def all_tokens(self) -> int:
+        """Completion tokens this run has generated on the job, in flight included."""
+        return self.tokens + self.live_tokens
+
+    @property
     def tokens_per_s(self) -> float:
-        return self.tokens / max(time.monotonic() - self.started, 1e-9)
+        return self.all_tokens / max(time.monotonic() - self.started, 1e-9)
 
     @property
     def eta_s(self) -> float | None:
-        """Seconds left at this run's pace on the job; None before the first item."""
-        if not self.items:
+        """Seconds left at this run's pace: items finished plus the fractions of those in
+        flight against their budgets; None before anything has been generated."""
+        progress = self.items + self.live_items
+        if progress <= 0:
             return None
-        left = max(self.total - self.done, 0)
-        return left * (time.monotonic() - self.started) / self.items
+        left = max(self.total - self.done - self.live_items, 0.0)
+        return left * (time.monotonic() - self.started) / progress
 
 
 class RunEvents(Protocol):
@@ -142,7 +162,10 @@ class Worker:
         self.loaded: Loaded | None = None
         self.job: Job | None = None
         self.counts: JobCounts | None = None
-        self._housekept = 0.0
+        self._beat_at = 0.0  # last registry heartbeat
+        self._reclaimed_at = 0.0  # last return of others' expired leases
+        self._live: dict[int, int] = {}  # tokens so far of each item in flight
+        self._budgets: dict[int, int] = {}  # max_tokens of each claimed item
         self.meter = energy.meter(
             gpu.load_nvml() if self.card else None, self.card.uuid if self.card else None
         )
@@ -238,6 +261,9 @@ class Worker:
                 try:
                     self._run_batch(job, batch, refill=refill)
                 finally:
+                    self._live.clear()
+                    self._budgets.clear()
+                    self._count_live()
                     self._add_energy(job, before)
 
     def _add_energy(self, job: Job, before: int | None) -> None:
@@ -262,6 +288,7 @@ class Worker:
                 GenerationRequest.build(i.id, i.custom_id, i.request, job.params) for i in claimed
             ]
             params.update((r.item_id, r.params) for r in built)
+            self._budgets.update((r.item_id, r.max_tokens) for r in built)
             pending.update(i.id for i in claimed)
             return built
 
@@ -286,7 +313,9 @@ class Worker:
                         params=params[event.item_id],
                     )
                 except UnstorableResult as exc:
-                    self._item_failed(job, event.item_id, str(exc), pending, in_flight)
+                    self._item_failed(
+                        job, event.item_id, str(exc), pending, in_flight, FailCode.UNSTORABLE
+                    )
                     continue
                 self._settled(event.item_id, pending, in_flight)
                 if recorded:
@@ -296,7 +325,12 @@ class Worker:
                 else:
                     self._drop_lost(job, pending, in_flight)
             elif isinstance(event, ItemFailed):
-                self._item_failed(job, event.item_id, event.reason, pending, in_flight)
+                self._item_failed(job, event.item_id, event.reason, pending, in_flight, event.code)
+            elif isinstance(event, Progress):
+                self._live = {i: n for i, n in event.tokens.items() if i in pending}
+                self._count_live()
+                self.events.tick(self.counts)
+                self._housekeeping()
             elif isinstance(event, Died):
                 self._model_died(event, pending, in_flight)
                 return
@@ -346,38 +380,62 @@ class Worker:
             return 0  # the process is gone: run() reports it, the items are released
         return limit
 
-    def _housekeeping(self) -> None:
-        """Every third of a lease: heartbeat in the registry, and return expired leases of
-        dead workers to the queue (on PostgreSQL, where several workers share it)."""
-        now = time.monotonic()
-        if now - self._housekept < self.settings.lease_seconds / 3:
-            return
-        self._housekept = now
-        registry.heartbeat(
-            self.db,
-            self.id,
-            model=self.loaded.model_path if self.loaded else None,
-            job_id=self.job.id if self.job else None,
-            tokens_per_s=round(self.counts.tokens_per_s, 2) if self.counts else None,
-        )
-        if not self.db.is_sqlite:
+    def _housekeeping(self, *, now: bool = False) -> None:
+        """A heartbeat in the registry every few seconds (`now`: at once, e.g. when a model
+        has loaded), with what the worker is doing: its model, job, tok/s, the tokens in
+        flight; and every third of a lease, return expired leases of dead workers to the
+        queue (on PostgreSQL, where several workers share it)."""
+        clock = time.monotonic()
+        if now or clock - self._beat_at >= min(BEAT_SECONDS, self.settings.lease_seconds / 3):
+            self._beat_at = clock
+            counts = self.counts
+            registry.heartbeat(
+                self.db,
+                self.id,
+                model=self.loaded.model_path if self.loaded else None,
+                job_id=self.job.id if self.job else None,
+                tokens_per_s=round(counts.tokens_per_s, 2) if counts else None,
+                tokens_in_flight=counts.live_tokens if counts else None,
+                items_in_flight=round(counts.live_items, 3) if counts else None,
+                sample=(counts.job_id, counts.all_tokens) if counts and counts.all_tokens else None,
+            )
+        if not self.db.is_sqlite and clock - self._reclaimed_at >= self.settings.lease_seconds / 3:
+            self._reclaimed_at = clock
             reclaimed = queue.reclaim_stale(self.db)
             if reclaimed:
                 log.info("returned %d items with expired leases to the queue", reclaimed)
 
+    def _count_live(self) -> None:
+        """The items in flight, in tokens and in fractions of items, for the job's pace."""
+        if self.counts is None:
+            return
+        self.counts.live_tokens = sum(self._live.values())
+        self.counts.live_items = sum(
+            min(n / max(self._budgets.get(i, 1), 1), 1.0) for i, n in self._live.items()
+        )
+
     def _item_failed(
-        self, job: Job, item_id: int, reason: str, pending: set[int], in_flight: set[int]
+        self,
+        job: Job,
+        item_id: int,
+        reason: str,
+        pending: set[int],
+        in_flight: set[int],
+        code: FailCode = FailCode.FAILED,
     ) -> None:
         """This item alone failed (its prompt, its answer); the batch goes on."""
         log.warning("item %s failed: %s", item_id, reason, extra={"job": job.id, "item": item_id})
-        if queue.fail_item(self.db, item_id, owner=self.id, error=reason):
+        self._settled(item_id, pending, in_flight)
+        if queue.fail_item(self.db, item_id, owner=self.id, error=reason, code=code):
             self.summary.failed += 1
             self._item_finished(0, failed=True)
-        self._settled(item_id, pending, in_flight)
 
     def _settled(self, item_id: int, pending: set[int], in_flight: set[int]) -> None:
         pending.discard(item_id)
         in_flight.discard(item_id)
+        self._budgets.pop(item_id, None)
+        if self._live.pop(item_id, None) is not None:
+            self._count_live()
 
     def _release_unstarted(self, pending: set[int], in_flight: set[int], why: str) -> None:
         unstarted = sorted(pending - in_flight)
@@ -441,6 +499,7 @@ class Worker:
                 return True
             self._unload()
             self.loaded = self.loader.load(job.model, overrides, job)
+            self._housekeeping(now=True)  # the registry shows the model from now on
         except ModelError as exc:
             if self.stopping:
                 return False
@@ -489,6 +548,7 @@ class Worker:
         label = f"job {job.id}" + (f" ({job.name})" if job.name else "")
         self.counts = JobCounts(job.id, label, job.item_count, state.finished)
         self.events.job_started(self.counts)
+        self._housekeeping(now=True)
 
     def _item_finished(self, tokens: int, *, failed: bool = False) -> None:
         if self.counts is not None:

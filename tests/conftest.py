@@ -9,10 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from executor.models import DEFAULT_MODEL, default_model_candidates
 from executor.store import Database, open_database
+from tests.helpers import run_cli
 from tests.pg_server import PgDatabases, PgServer
+from tests.serving import Server
 from tests.synthetic_gguf import write_tiny_gguf
 
 
@@ -97,3 +100,20 @@ def default_model() -> Path:
         if path.is_file():
             return path
     pytest.fail(f"default model missing: {DEFAULT_MODEL.install_hint}")
+
+
+@pytest.fixture
+def models_config(tmp_path: Path, default_model: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`models:` maps the name OpenAI lines use to the default model."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"models": {"smollm2": str(default_model)}}))
+    monkeypatch.setenv("EXECUTOR_CONFIG", str(path))
+    return path
+
+
+@pytest.fixture
+def server(db_path: Path, models_config: Path) -> Iterator[Server]:
+    run_cli("db", "upgrade", db_path=db_path)
+    s = Server(db_path)
+    yield s
+    s.stop()

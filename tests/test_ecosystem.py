@@ -50,13 +50,42 @@ OUTPUT_LINE = {
         },
     },
 }
+# OpenAI's BatchRequestOutput in the error file: a request answered with an error has a
+# response with its status code and an error body; one never run (the batch was cancelled,
+# or expired) has only `error`.
 ERROR_LINE = {
     "type": "object",
     "required": ["id", "custom_id", "response", "error"],
-    "properties": {
-        "response": {"type": "null"},
-        "error": {"type": "object", "required": ["code", "message"]},
-    },
+    "oneOf": [
+        {
+            "properties": {
+                "response": {
+                    "type": "object",
+                    "required": ["status_code", "request_id", "body"],
+                    "properties": {
+                        "status_code": {"enum": [400, 500]},
+                        "body": {
+                            "type": "object",
+                            "required": ["error"],
+                            "properties": {
+                                "error": {
+                                    "type": "object",
+                                    "required": ["message", "type", "param", "code"],
+                                }
+                            },
+                        },
+                    },
+                },
+                "error": {"type": "null"},
+            }
+        },
+        {
+            "properties": {
+                "response": {"type": "null"},
+                "error": {"type": "object", "required": ["code", "message"]},
+            }
+        },
+    ],
 }
 
 
@@ -133,7 +162,9 @@ def test_completions_url_and_error_file(tmp_path, db_path, tiny_model):
     assert body["choices"][0]["finish_reason"] == "length"
     (failed,) = read_jsonl(errors)
     jsonschema.validate(failed, ERROR_LINE)
-    assert failed["custom_id"] == "b" and "the context holds 64" in failed["error"]["message"]
+    error = failed["response"]["body"]["error"]
+    assert failed["custom_id"] == "b" and "the context holds 64" in error["message"]
+    assert failed["response"]["status_code"] == 400 and error["code"] == "context_length_exceeded"
 
 
 @pytest.mark.parametrize(

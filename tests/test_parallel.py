@@ -166,7 +166,7 @@ def test_shared_system_prompt_is_computed_once(default_model):
         def stop_requested(self):
             return False
 
-        def progress(self): ...
+        def progress(self, tokens): ...
 
         def more(self):
             return []

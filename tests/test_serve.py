@@ -5,100 +5,19 @@ real `executor run` workers draining the same database, real files.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
-import yaml
-from openai import OpenAI
 
 from tests.helpers import query, read_jsonl, run_cli, run_cli_process, start_cli
-
-KEY = "s3cret-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, db_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = start_cli("serve", "--port", str(self.port), *args, db_path=db_path, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"serve exited {self.proc.returncode}: {self.proc.stderr.read()}"
-                )
-            try:
-                httpx.get(self.url + "/static/page.css", timeout=1)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError("serve did not start")
-
-    def client(self, key: str = "local") -> OpenAI:
-        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        _, err = self.proc.communicate(timeout=30)
-        return err
-
-
-@pytest.fixture
-def models_config(tmp_path: Path, default_model: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """`models:` maps the name OpenAI lines use to the default model."""
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"models": {"smollm2": str(default_model)}}))
-    monkeypatch.setenv("EXECUTOR_CONFIG", str(path))
-    return path
-
-
-@pytest.fixture
-def server(db_path: Path, models_config: Path) -> Iterator[Server]:
-    run_cli("db", "upgrade", db_path=db_path)
-    s = Server(db_path)
-    yield s
-    s.stop()
-
-
-def chat_line(i: int, url: str = "/v1/chat/completions", **body: Any) -> str:
-    body = {"model": "smollm2", "messages": [{"role": "user", "content": f"Say {i}."}],
-            "max_tokens": 8, **body}  # fmt: skip
-    return json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url, "body": body})
-
-
-def upload(client: OpenAI, tmp_path: Path, lines: list[str], name: str = "requests.jsonl"):
-    path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n")
-    with open(path, "rb") as f:
-        return client.files.create(file=f, purpose="batch")
-
-
-def wait_for(client: OpenAI, batch_id: str, states: set[str], timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        if not seen or seen[-1] != batch.status:
-            seen.append(batch.status)
-        if batch.status in states:
-            return batch, seen
-        time.sleep(0.2)
-    raise AssertionError(f"batch {batch_id} stayed {seen}")
+from tests.serving import KEY, Server, chat_line, free_port, upload, wait_for
 
 
 def test_openai_client_round_trip_on_the_default_model(tmp_path, db_path, server):
@@ -110,7 +29,11 @@ def test_openai_client_round_trip_on_the_default_model(tmp_path, db_path, server
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
         metadata={"night": "1"},
     )  # fmt: skip
-    assert b.status == "validating" and b.metadata == {"night": "1"}
+    # Validated before create answers: a worker started the moment after finds the job
+    # (a cron line `executor run --until-empty` right after a client's create did nothing
+    # while validation ran in the background).
+    assert b.status == "in_progress" and b.metadata == {"night": "1"}
+    assert b.request_counts.total == 3
     worker = run_cli_process("run", "--until-empty", db_path=db_path, env={"EXECUTOR_CTX": "512"})
     assert worker.returncode == 0, worker.stderr
     done, _ = wait_for(client, b.id, {"completed", "failed"})
@@ -163,24 +86,30 @@ def test_cancel_mid_run_keeps_what_was_done(tmp_path, db_path, server):
 
 
 def test_a_bad_file_fails_with_its_line_errors(tmp_path, db_path, server):
+    """What OpenAI refuses a whole file for: not JSON, another endpoint, a bad envelope, a
+    duplicate custom_id. The batch is failed when create answers."""
     client = server.client()
     lines = [chat_line(0), "{not json", chat_line(2, url="/v1/completions"),
              chat_line(3, temperature="hot")]  # fmt: skip
     f = upload(client, tmp_path, lines)
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                              completion_window="24h")  # fmt: skip
-    failed, _ = wait_for(client, b.id, {"failed", "in_progress"}, timeout=60)
+    failed = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")  # fmt: skip
     assert failed.status == "failed" and failed.failed_at
     assert [(e.code, e.line) for e in failed.errors.data] == [("mismatched_endpoint", 3)]
-    # With the url right, the other bad lines are named with their numbers.
+    # With the url right, the other bad lines are named with their numbers; a bad request
+    # (temperature "hot") is not the file's fault.
     lines[2] = chat_line(2)
+    lines.append(json.dumps({"custom_id": "r0", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"model": "smollm2", "messages": []}}))  # fmt: skip
+    lines.append(json.dumps({"custom_id": "r9", "method": "GET", "url": "/v1/chat/completions",
+                             "body": {}}))  # fmt: skip
     f = upload(client, tmp_path, lines, "second.jsonl")
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                              completion_window="24h")  # fmt: skip
-    failed, _ = wait_for(client, b.id, {"failed", "in_progress"}, timeout=60)
+    failed = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                   completion_window="24h")  # fmt: skip
     assert failed.status == "failed"
-    assert [e.line for e in failed.errors.data] == [2, 4]
-    assert "temperature" in failed.errors.data[1].message
+    assert [e.line for e in failed.errors.data] == [2, 5, 6]
+    assert "duplicate custom_id 'r0'" in failed.errors.data[1].message
+    assert "method" in failed.errors.data[2].message
     assert str(tmp_path) not in json.dumps(failed.model_dump())
     assert query(db_path, "SELECT count(*) FROM jobs") == [(0,)]
 
@@ -443,7 +372,7 @@ def test_a_batch_validated_twice_is_one_job_and_one_file_in_two_batches_is_two(
         f.write((chat_line(0) + "\n").encode())
     api.finish_file(db, row.id, files.path(row.id).stat().st_size)
     first = api.create_batch(db, input_file_id=row.public_id, endpoint="/v1/chat/completions",
-                             completion_window="24h", metadata=None)  # fmt: skip
+                             completion_window="24h", metadata=None, lease_seconds=60)  # fmt: skip
     service.validate(db, settings, files, first)
     again = api.get_batch(db, first.public_id)
     assert again is not None and again.state == "submitted"
@@ -451,7 +380,7 @@ def test_a_batch_validated_twice_is_one_job_and_one_file_in_two_batches_is_two(
     service.validate(db, settings, files, api.get_batch(db, first.public_id))
     assert api.get_batch(db, first.public_id).job_id == again.job_id
     second = api.create_batch(db, input_file_id=row.public_id, endpoint="/v1/chat/completions",
-                              completion_window="24h", metadata=None)  # fmt: skip
+                              completion_window="24h", metadata=None, lease_seconds=60)  # fmt: skip
     service.validate(db, settings, files, second)
     assert api.get_batch(db, second.public_id).job_id != again.job_id
     assert query(db_path, "SELECT count(*) FROM jobs") == [(2,)]

@@ -114,7 +114,8 @@ def test_the_real_engine_measures_and_picks(default_model):
         rates = engine.decode_rates
         assert set(rates) <= {1, 2, 4, 8} and {1, 2} <= set(rates)
         assert all(r > 0 for r in rates.values())
-        assert rates[2] > rates[1]  # two sequences share one pass over the weights
+        # Which size is fastest is a measurement (benchmarks/throughput.py), not a test: on a
+        # busy 2-core machine one short step can beat two. What is tested is the choice.
         assert engine.spec.parallel == pick_parallel(rates) == len(engine.slots)
         assert engine.describe()["parallel"] == engine.spec.parallel
     finally:
@@ -234,7 +235,7 @@ def test_live_sequences_stay_on_the_lowest_seq_ids_and_outputs_do_not_change(def
         def stop_requested(self):
             return False
 
-        def progress(self): ...
+        def progress(self, tokens): ...
 
     def run(parallel: int) -> tuple[dict[int, str], list[list[int]]]:
         engine = LlamaEngine(

@@ -7,9 +7,10 @@ crosses the pipe is defined in `executor.records`. Nothing here imports the stor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from executor.records import GenerationRequest, LoadSpec, ResultRecord
+from executor.records import FailCode, GenerationRequest, LoadSpec, ResultRecord
 
 if TYPE_CHECKING:
     from executor.engine.faults import Faults
@@ -17,6 +18,10 @@ if TYPE_CHECKING:
 
 class ItemError(Exception):
     """This one item cannot be generated (e.g. its prompt is longer than the context)."""
+
+    def __init__(self, message: str, code: FailCode = FailCode.FAILED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LoadError(Exception):
@@ -30,7 +35,7 @@ class BatchSink(Protocol):
 
     def finished(self, item_id: int, record: ResultRecord) -> None: ...
 
-    def failed(self, item_id: int, reason: str) -> None:
+    def failed(self, item_id: int, reason: str, code: FailCode = FailCode.FAILED) -> None:
         """This item alone failed (prompt too long, template error); the batch goes on."""
         ...
 
@@ -43,8 +48,9 @@ class BatchSink(Protocol):
         parent tops the queue up before it drains, so slots stay full."""
         ...
 
-    def progress(self) -> None:
-        """Called after every decode step: the model is alive."""
+    def progress(self, tokens: Callable[[], dict[int, int]]) -> None:
+        """Called after every decode step: the model is alive. `tokens()` gives what each
+        item in flight has generated so far (called only when a report is due)."""
         ...
 
     def stop_requested(self) -> bool: ...

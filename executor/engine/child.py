@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -24,6 +25,7 @@ from executor.records import (
     BatchDone,
     Capabilities,
     Drop,
+    FailCode,
     GenerationRequest,
     ItemDone,
     ItemFailed,
@@ -115,10 +117,10 @@ class _PipeSink:
         self._incoming: list[GenerationRequest] = []
         self._told = time.monotonic()
 
-    def progress(self) -> None:
+    def progress(self, tokens: Callable[[], dict[int, int]]) -> None:
         now = time.monotonic()
         if now - self._told >= 1.0:
-            self.conn.send(Progress())
+            self.conn.send(Progress(tokens()))
             self._told = now
 
     def started(self, item_id: int) -> None:
@@ -127,8 +129,8 @@ class _PipeSink:
     def finished(self, item_id: int, record: ResultRecord) -> None:
         self.conn.send(ItemDone(item_id, record))
 
-    def failed(self, item_id: int, reason: str) -> None:
-        self.conn.send(ItemFailed(item_id, reason))
+    def failed(self, item_id: int, reason: str, code: FailCode = FailCode.FAILED) -> None:
+        self.conn.send(ItemFailed(item_id, reason, code))
 
     def _read(self) -> None:
         while self.conn.poll():

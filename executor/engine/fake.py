@@ -18,7 +18,7 @@ from typing import Any
 from executor.decode_rates import pick_parallel
 from executor.engine import BatchSink
 from executor.engine.faults import Faults
-from executor.records import GenerationRequest, LoadSpec, ResultRecord
+from executor.records import FailCode, GenerationRequest, LoadSpec, ResultRecord
 
 
 @dataclass
@@ -70,7 +70,7 @@ class FakeEngine:
             if self.trace:
                 with open(self.trace, "a", encoding="utf-8") as f:
                     f.write(f"{len(live)} {len(waiting)}\n")
-            sink.progress()
+            sink.progress(lambda: {s.request.item_id: s.emitted for s in live})
             for sequence in list(live):
                 self.tokens += 1
                 sequence.emitted += 1
@@ -87,6 +87,7 @@ class FakeEngine:
             sink.failed(
                 request.item_id,
                 f"prompt is {prompt_tokens} tokens; the context holds {self.spec.n_ctx}",
+                FailCode.CONTEXT_LENGTH,
             )
             return None
         words = ["echo:", *text.split()]

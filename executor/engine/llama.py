@@ -22,7 +22,7 @@ from executor.decode_rates import FLAT, pick_parallel
 from executor.engine import BatchSink, ItemError, LoadError
 from executor.engine.faults import Faults
 from executor.engine.prompts import Prompter
-from executor.records import DryRun, GenerationRequest, LoadSpec, ResultRecord
+from executor.records import DryRun, FailCode, GenerationRequest, LoadSpec, ResultRecord
 
 MIN_SHARED_PREFIX = 16  # tokens worth waiting one step for, to copy rather than compute
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -111,25 +111,25 @@ class LlamaEngine:
         try:
             tokens, extra_stops = self._prompt(request)
         except ItemError as exc:
-            sink.failed(request.item_id, str(exc))
+            sink.failed(request.item_id, str(exc), exc.code)
             return
         except Exception as exc:  # a template that fails to render, ...
-            sink.failed(request.item_id, f"could not build the prompt: {exc}")
+            sink.failed(request.item_id, f"could not build the prompt: {exc}", FailCode.BAD_PROMPT)
             return
         finally:
             self._prompts.pop(request.item_id, None)
-        try:
-            sampler = _sampler(request, self.vocab)
-        except ItemError as exc:
-            sink.failed(request.item_id, str(exc))
-            return
         if len(tokens) >= self.spec.n_ctx:
-            llama_cpp.llama_sampler_free(sampler)
             sink.failed(
                 request.item_id,
                 f"prompt is {len(tokens)} tokens; the context holds "
                 f"{self.spec.n_ctx} (raise --ctx or shorten the prompt)",
+                FailCode.CONTEXT_LENGTH,
             )
+            return
+        try:
+            sampler = _sampler(request, self.vocab)
+        except ItemError as exc:
+            sink.failed(request.item_id, str(exc), exc.code)
             return
         reused = self._reuse_prefix(slot, tokens)
         slot.start(request, tokens, reused, extra_stops, sampler)
@@ -231,7 +231,10 @@ class LlamaEngine:
             self.tokens += 1
             self.faults.check_token(self.spec.n_gpu_layers, self.tokens, slot.request.text)
             self._accept(slot, token, sink)
-        sink.progress()
+        sink.progress(self._live_tokens)
+
+    def _live_tokens(self) -> dict[int, int]:
+        return {s.request.item_id: len(s.generated) for s in self.slots if s.request is not None}
 
     def _add(self, slot: _Slot, token: int, logits: bool) -> None:
         batch, i = self.batch, self.batch.n_tokens
@@ -495,10 +498,14 @@ def _sampler(request: GenerationRequest, vocab: Any) -> Any:
         try:
             gbnf = json_schema_to_gbnf(json.dumps(request.json_schema))
         except Exception as exc:  # the converter raises plain errors for unsupported schemas
-            raise ItemError(f"json_schema cannot be turned into a grammar: {exc}") from None
+            raise ItemError(
+                f"json_schema cannot be turned into a grammar: {exc}", FailCode.BAD_SCHEMA
+            ) from None
         grammar = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
         if not grammar:
-            raise ItemError("json_schema: llama.cpp rejected the grammar made from it")
+            raise ItemError(
+                "json_schema: llama.cpp rejected the grammar made from it", FailCode.BAD_SCHEMA
+            )
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
     if request.repeat_penalty != 1.0:  # over the last 64 tokens, as llama-cpp-python does

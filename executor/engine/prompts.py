@@ -15,7 +15,7 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from executor.engine import ItemError, LoadError
-from executor.records import GenerationRequest
+from executor.records import FailCode, GenerationRequest
 
 TEMPLATE_SECONDS = 10.0  # templates render in microseconds; a loop in one must not hang
 
@@ -29,7 +29,7 @@ def time_limit(seconds: float, what: str) -> Iterator[None]:
         return
 
     def expired(signum: int, frame: object) -> None:
-        raise ItemError(f"{what} did not finish in {seconds:g}s")
+        raise ItemError(f"{what} did not finish in {seconds:g}s", FailCode.BAD_PROMPT)
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -54,7 +54,10 @@ class Prompter:
             assert request.prompt is not None
             return self.tokenize(request.prompt.encode(), add_bos=True), []
         if self.chat is None:
-            raise ItemError("this model has no chat template: send a raw 'prompt' instead")
+            raise ItemError(
+                "this model has no chat template: send a raw 'prompt' instead",
+                FailCode.BAD_PROMPT,
+            )
         with time_limit(TEMPLATE_SECONDS, "the chat template"):
             formatted = self.chat(messages=request.messages)
         tokens = self.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special)

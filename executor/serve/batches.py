@@ -1,22 +1,28 @@
 """OpenAI's Batch and File objects over executor's jobs: what `executor serve` answers.
 
-A batch is validated (its input file submitted as a job, every line checked as `executor
-submit` checks it) by the server's housekeeping thread, run by whatever `executor run`
-workers drain the database, and finalized by the same thread once its job has finished:
-the output and error files are written with the OpenAI export and become files of their
-own. Its status is read from the job's:
+A batch is validated while `POST /v1/batches` answers (its input file submitted as a job,
+every line checked as `executor submit` checks it), so a worker started right after finds
+its job; it is run by whatever `executor run` workers drain the database, and finalized by
+the server's housekeeping thread once its job has finished: the output and error files are
+written with the OpenAI export and become files of their own. Its status:
 
     validating → in_progress (queued or running) → finalizing → completed
                → failed (a bad input file, or a model that would not load)
-    in_progress → cancelling (cancel asked) → cancelled (with what was done)
+    validating, in_progress, finalizing → cancelling (cancel asked) → cancelled
+
+A request the model cannot serve (n > 1, an unknown model, a parameter out of range, a
+prompt longer than the context) is answered alone in the error file, as OpenAI does; only a
+file OpenAI would refuse (not JSON, a bad envelope, another endpoint, a duplicate custom_id)
+fails the batch. Validating and finalizing are each held by one server at a time (a lease
+on the batch): two servers on one database never write a batch's output twice, and a step
+cut short (a full disk, a server killed) is taken up again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,9 @@ from executor.submit import submit
 log = logging.getLogger(__name__)
 
 WINDOWS = ("24h",)
-_LINE = re.compile(r":(\d+): (.*)$")
+VALIDATE_SECONDS = 600.0  # a validation not finished by then (its server died) is taken up
+FINALIZE_SECONDS = 600.0  # the same for writing the output files
+RETRY_SECONDS = 30.0  # after a failed finalization (a full disk), try again this much later
 
 
 class ApiError(Exception):
@@ -79,11 +87,25 @@ def file_object(f: ApiFile) -> dict[str, Any]:
 
 
 def create_batch(
-    db: Database, input_file_id: Any, endpoint: Any, window: Any, metadata: Any
+    db: Database,
+    settings: Settings,
+    files: FileStore,
+    body: dict[str, Any],
 ) -> ApiBatch:
-    """Check the request as OpenAI does; the file's lines are checked after (validating)."""
+    """Check the request as OpenAI does, then validate the file's lines before answering:
+    when this returns, the batch is in_progress with its job queued (or failed)."""
+    unknown = sorted(
+        set(body)
+        - {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
+    )
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
+    input_file_id, endpoint = body.get("input_file_id"), body.get("endpoint")
+    window, metadata = body.get("completion_window"), body.get("metadata")
     if not isinstance(input_file_id, str) or store.get_file(db, input_file_id) is None:
-        raise ApiError(404, f"No such File object: {input_file_id}", param="input_file_id")
+        raise ApiError(
+            404, f"No such File object: {str(input_file_id)[:64]}", param="input_file_id"
+        )
     if endpoint not in URLS:
         raise ApiError(400, f"endpoint must be one of {', '.join(URLS)}", param="endpoint")
     if window not in WINDOWS:
@@ -94,13 +116,18 @@ def create_batch(
             "metadata: at most 16 string pairs (keys ≤ 64, values ≤ 512 chars)",
             param="metadata",
         )
-    return store.create_batch(
+    batch = store.create_batch(
         db,
         input_file_id=input_file_id,
         endpoint=endpoint,
         completion_window=window,
         metadata=metadata,
+        lease_seconds=VALIDATE_SECONDS,
     )
+    validate(db, settings, files, batch)
+    found = store.get_batch(db, batch.public_id)
+    assert found is not None
+    return found
 
 
 def _good_metadata(metadata: Any) -> bool:
@@ -118,9 +145,17 @@ def batch_object(db: Database, batch: ApiBatch) -> dict[str, Any]:
     """The Batch object for `batch`, its status read from its job."""
     job = queue.get_job(db, batch.job_id) if batch.job_id is not None else None
     counts = {"total": 0, "completed": 0, "failed": 0}
-    status = {"validating": "validating", "failed": "failed"}.get(batch.state, "in_progress")
+    status = {
+        "validating": "validating",
+        "failed": "failed",
+        "cancelled": "cancelled",
+        "cancelling": "cancelling",
+    }.get(batch.state, "in_progress")
     errors = batch.errors
-    in_progress_at = completed_at = cancelled_at = failed_at = None
+    in_progress_at = completed_at = cancelled_at = None
+    failed_at = _ts(batch.failed_at)
+    if batch.state == "cancelled":
+        cancelled_at = _ts(batch.cancelling_at)
     if job is not None:
         (row,) = job_rows(db, job.id)
         c = row["counts"]
@@ -140,8 +175,6 @@ def batch_object(db: Database, batch: ApiBatch) -> dict[str, Any]:
         elif job.status == JobStatus.DONE:
             status = "completed" if batch.output_file_id else "finalizing"
             completed_at = _ts(job.finished_at) if status == "completed" else None
-    elif batch.state == "failed":
-        failed_at = _ts(batch.failed_at)
     created = _ts(batch.created_at) or 0
     return {
         "id": batch.public_id,
@@ -169,113 +202,110 @@ def batch_object(db: Database, batch: ApiBatch) -> dict[str, Any]:
 
 
 def cancel(db: Database, batch: ApiBatch) -> ApiBatch:
-    """Cancel a batch: queued items are cancelled at once (running ones finish but are not
-    kept); the output file then holds what was done. Cancelling twice is harmless."""
+    """Cancel a batch that is validating, in progress or finalizing, as OpenAI does: queued
+    items are cancelled at once (running ones finish but are not kept) and the output file
+    holds what was done. A batch still validating becomes cancelled when its validation
+    ends (its job, if it made one, is cancelled before any item runs). Cancelling twice is
+    harmless (the batch as it is); a completed, failed or expired batch is a 400."""
+    status = batch_object(db, batch)["status"]
+    if status in ("completed", "failed", "expired"):
+        raise ApiError(400, f"Cannot cancel a batch with status '{status}'.")
+    now = utcnow()
     if batch.state == "validating":
-        raise ApiError(400, "the batch is still validating; cancel it in a moment")
-    if batch.state == "submitted" and batch.job_id is not None:
-        job = queue.get_job(db, batch.job_id)
-        running = job is not None and job.status in (JobStatus.QUEUED, JobStatus.RUNNING)
-        if running and store.update_batch(
-            db, batch.id, only_state="submitted", state="cancelling", cancelling_at=utcnow()
-        ):
-            queue.cancel_job(db, batch.job_id)
+        store.update_batch(
+            db, batch.id, only_state="validating", state="cancelling", cancelling_at=now
+        )
+    elif batch.state == "submitted" and store.update_batch(
+        db, batch.id, only_state="submitted", state="cancelling", cancelling_at=now
+    ):
+        job = queue.get_job(db, batch.job_id) if batch.job_id is not None else None
+        if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            queue.cancel_job(db, job.id)
     found = store.get_batch(db, batch.public_id)
     assert found is not None
     return found
 
 
-# --- the housekeeping thread ------------------------------------------------------------------
+# --- validating ----------------------------------------------------------------------------
 
 
 def validate(db: Database, settings: Settings, files: FileStore, batch: ApiBatch) -> None:
-    """Submit the batch's input file as a job, or fail the batch with the lines' errors."""
+    """Submit the batch's input file as a job, or fail the batch with the lines' errors.
+    The caller holds the batch (its creation, or `store.take_batch`)."""
     source = store.get_file(db, batch.input_file_id)
     if source is None:
         _fail(db, batch, [_error("file_not_found", f"input file {batch.input_file_id} is gone")])
         return
     path = files.path(source.id)
-    wrong = _other_endpoint(path, batch.endpoint)
-    if wrong:
-        _fail(db, batch, wrong)
-        return
     try:
+        wrong = _other_endpoint(path, batch.endpoint)
+        if wrong:
+            _fail(db, batch, wrong)
+            return
         # Idempotent per batch: a server stopped between this and the state change below
         # finds the same job when it validates the batch again.
         done = submit(
             settings, db, str(path), name=f"{batch.public_id} ({source.filename})"[:200],
-            origin=batch.public_id,
+            origin=batch.public_id, display=source.filename, refuse_requests=True,
         )  # fmt: skip
+    except OSError as exc:
+        log.error("batch %s: its input file cannot be read: %s", batch.public_id, exc)
+        _fail(db, batch, [_error("file_not_found", _missing(source))])
+        return
     except InputError as exc:
-        errors = [_line_error(p) for p in exc.problems[:1000]] or [_error("invalid_file", str(exc))]
-        _fail(db, batch, errors)
+        errors = [_line_error(p, source.filename) for p in exc.problems[:1000]]
+        _fail(db, batch, errors or [_error("invalid_file", _hide(str(exc), path, source))])
         return
     except ExecutorError as exc:
-        _fail(db, batch, [_error("invalid_file", str(exc).replace(str(path), source.filename))])
+        _fail(db, batch, [_error("invalid_file", _hide(str(exc), path, source))])
         return
-    store.update_batch(db, batch.id, only_state="validating", state="submitted", job_id=done.job_id)
+    _submitted(db, batch, done.job_id)
 
 
-def finalize(db: Database, files: FileStore, batch: ApiBatch) -> None:
-    """Write the finished job's output (and error) file with the OpenAI export."""
-    assert batch.job_id is not None
-    if not store.update_batch(db, batch.id, finalizing_at=utcnow()):
+def _submitted(db: Database, batch: ApiBatch, job_id: int) -> None:
+    if store.update_batch(
+        db, batch.id, only_state="validating", state="submitted", job_id=job_id, lease_until=None
+    ):
         return
-    ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
-    out = store.reserve_file(db, filename=f"{batch.public_id}_output.jsonl", purpose="batch_output")
-    err = store.reserve_file(db, filename=f"{batch.public_id}_error.jsonl", purpose="batch_output")
-    files.ensure()
-    exported = export_job(
-        db, batch.job_id, str(files.path(out.id)), fmt="openai", errors=str(files.path(err.id))
-    )
-    store.finish_file(db, out.id, files.path(out.id).stat().st_size)
-    ids["output_file_id"] = out.public_id
-    if exported.failed:
-        store.finish_file(db, err.id, files.path(err.id).stat().st_size)
-        ids["error_file_id"] = err.public_id
-    else:
-        store.drop_file(db, err.id)
-        files.remove(err.id)
-    store.update_batch(db, batch.id, **ids)
-
-
-def housekeeping(db: Database, settings: Settings, files: FileStore) -> int:
-    """One round: validate new batches, finalize finished ones. Returns how many moved."""
-    moved = 0
-    for batch in store.batches_in_state(db, "validating"):
-        validate(db, settings, files, batch)
-        moved += 1
-    submitted = store.batches_in_state(db, "submitted", "cancelling")
-    finished = []
-    for batch in submitted:
-        job = queue.get_job(db, batch.job_id) if batch.job_id is not None else None
-        if job is not None and job.status in (JobStatus.DONE, JobStatus.CANCELLED):
-            finished.append(job.id)
-    for batch in store.batches_to_finalize(db, finished):
-        try:
-            finalize(db, files, batch)
-        except ExecutorError as exc:
-            log.error("batch %s: writing its output failed: %s", batch.public_id, exc)
-        moved += 1
-    return moved
+    # Cancelled while it validated: its job is cancelled before any item runs.
+    store.update_batch(db, batch.id, only_state="cancelling", job_id=job_id, lease_until=None)
+    queue.cancel_job(db, job_id)
 
 
 def _fail(db: Database, batch: ApiBatch, errors: list[dict[str, Any]]) -> None:
-    store.update_batch(
-        db, batch.id, only_state="validating", state="failed", errors=errors, failed_at=utcnow()
+    now = utcnow()
+    if not store.update_batch(
+        db, batch.id, only_state="validating", state="failed", errors=errors, failed_at=now,
+        lease_until=None,
+    ):  # fmt: skip
+        # Cancelled while it validated, and there is nothing to run: cancelled.
+        store.update_batch(
+            db, batch.id, only_state="cancelling", state="cancelled", lease_until=None
+        )
+
+
+def _missing(source: ApiFile) -> str:
+    return (
+        f"the content of input file {source.public_id} ({source.filename}) is missing on "
+        "the server; upload the file again and create a new batch"
     )
+
+
+def _hide(message: str, path: Path, source: ApiFile) -> str:
+    """A message without the server's own paths."""
+    return message.replace(str(path.resolve()), source.filename).replace(str(path), source.filename)
 
 
 def _error(code: str, message: str, line: int | None = None) -> dict[str, Any]:
     return {"code": code, "message": message, "param": None, "line": line}
 
 
-def _line_error(problem: str) -> dict[str, Any]:
-    """`FILE:LINE: reason` (the path is the server's own: not shown) as OpenAI's error."""
-    found = _LINE.search(problem)
-    if found:
-        return _error("invalid_request", found[2], int(found[1]))
-    return _error("invalid_request", problem.rsplit(": ", 1)[-1])
+def _line_error(problem: str, display: str) -> dict[str, Any]:
+    """`FILE:LINE: reason` as OpenAI's error (the line number apart)."""
+    number, _, reason = problem.removeprefix(f"{display}:").partition(": ")
+    if number.isdigit():
+        return _error("invalid_request", reason, int(number))
+    return _error("invalid_request", problem.removeprefix(f"{display}: "))
 
 
 def _other_endpoint(path: Path, endpoint: str) -> list[dict[str, Any]]:
@@ -301,3 +331,99 @@ def _other_endpoint(path: Path, endpoint: str) -> list[dict[str, Any]]:
                 if len(wrong) >= 100:
                     break
     return wrong
+
+
+# --- finalizing ----------------------------------------------------------------------------
+
+
+def finalize(db: Database, files: FileStore, batch: ApiBatch) -> bool:
+    """Write the finished job's output (and error) file with the OpenAI export, if this
+    server wins the batch. The files become visible together with the batch's pointers to
+    them (one transaction); a failure (a full disk) leaves no row or bytes behind and the
+    batch `finalizing`, taken up again after RETRY_SECONDS. True if files were written."""
+    assert batch.job_id is not None
+    if not store.take_batch(
+        db, batch.id, states=("submitted", "cancelling"), lease_seconds=FINALIZE_SECONDS,
+        finalizing_at=batch.finalizing_at or utcnow(),
+    ):  # fmt: skip
+        return False  # another server has it, or has written it
+    out = store.reserve_file(db, filename=f"{batch.public_id}_output.jsonl", purpose="batch_output")
+    err = store.reserve_file(db, filename=f"{batch.public_id}_error.jsonl", purpose="batch_output")
+    try:
+        files.ensure()
+        exported = export_job(
+            db, batch.job_id, str(files.path(out.id)), fmt="openai", errors=str(files.path(err.id))
+        )
+        errors = (err.id, files.path(err.id).stat().st_size) if exported.failed else None
+        written = store.finish_batch_files(
+            db, batch.id, (out.id, files.path(out.id).stat().st_size), errors
+        )
+    except (OSError, ExecutorError) as exc:
+        _discard(db, files, out.id, err.id)
+        store.update_batch(db, batch.id, lease_until=utcnow() + timedelta(seconds=RETRY_SECONDS))
+        log.error(
+            "batch %s: writing its output failed (%s); trying again in %gs",
+            batch.public_id,
+            getattr(exc, "strerror", None) or exc,
+            RETRY_SECONDS,
+        )
+        return False
+    if not written:  # another server finished it while this one wrote (its lease ran out)
+        _discard(db, files, out.id, err.id)
+        return False
+    if not exported.failed:
+        _discard(db, files, err.id)
+    return True
+
+
+def _discard(db: Database, files: FileStore, *row_ids: int) -> None:
+    for row_id in row_ids:
+        files.remove(row_id)
+        store.drop_file(db, row_id)
+
+
+# --- the housekeeping thread ------------------------------------------------------------------
+
+
+def housekeeping(db: Database, settings: Settings, files: FileStore) -> int:
+    """One round: validate batches whose validation was cut short, finalize finished ones,
+    forget files a stopped server left half-written. Each batch fails or waits alone: one
+    that cannot be handled never holds up the others. Returns how many moved."""
+    moved = 0
+    for batch in store.batches_in_state(db, "validating", "cancelling", free=True):
+        if batch.state == "cancelling" and batch.job_id is not None:
+            continue  # finalized below once its job has stopped
+        moved += _one(batch, "validating", lambda b: _revalidate(db, settings, files, b))
+    submitted = store.batches_in_state(db, "submitted", "cancelling", free=True)
+    finished = []
+    for batch in submitted:
+        job = queue.get_job(db, batch.job_id) if batch.job_id is not None else None
+        if job is not None and job.status in (JobStatus.DONE, JobStatus.CANCELLED):
+            finished.append(job.id)
+    for batch in store.batches_to_finalize(db, finished):
+        moved += _one(batch, "finalizing", lambda b: finalize(db, files, b))
+    for row_id in store.stale_reservations(db, "batch_output", FINALIZE_SECONDS):
+        files.remove(row_id)
+    return moved
+
+
+def _revalidate(db: Database, settings: Settings, files: FileStore, batch: ApiBatch) -> bool:
+    """Take up a batch whose validation was cut short (its server stopped), or one cancelled
+    while nobody validated it."""
+    if batch.state == "cancelling":
+        return store.update_batch(
+            db, batch.id, only_state="cancelling", state="cancelled", lease_until=None
+        )
+    if not store.take_batch(db, batch.id, states=("validating",), lease_seconds=VALIDATE_SECONDS):
+        return False
+    validate(db, settings, files, batch)
+    return True
+
+
+def _one(batch: ApiBatch, step: str, work: Any) -> int:
+    """Run one batch's step; an error is that batch's alone (said in one line)."""
+    try:
+        return int(bool(work(batch)))
+    except Exception as exc:
+        log.error("batch %s: %s failed: %s: %s", batch.public_id, step, type(exc).__name__, exc)
+        return 0

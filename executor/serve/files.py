@@ -70,6 +70,7 @@ class Upload:
         self._part: str | None = None
         self._value = bytearray()
         self._error: Exception | None = None
+        self._ended = False  # the closing boundary came
         self.parser = MultipartParser(
             boundary,
             {
@@ -80,17 +81,33 @@ class Upload:
                 "on_headers_finished": self._headers_finished,
                 "on_part_data": self._part_data,
                 "on_part_end": self._part_end,
+                "on_end": self._end,
             },
         )
 
     async def feed(self, chunks: AsyncIterator[bytes]) -> None:
+        """Parse the body as it arrives; BadUpload if it is not multipart/form-data or ends
+        before its closing boundary (a cut-off upload is not a file)."""
         async for chunk in chunks:
-            self.parser.write(chunk)
+            try:
+                self.parser.write(chunk)
+            except ValueError as exc:  # python-multipart's parse errors are ValueErrors
+                raise BadUpload(f"the body is not valid multipart/form-data ({exc})") from None
             if self._error is not None:
                 raise self._error
-        self.parser.finalize()
+        try:
+            self.parser.finalize()
+        except ValueError as exc:
+            raise BadUpload(f"the body is not valid multipart/form-data ({exc})") from None
         if self.filename is None:
             raise BadUpload("no file part: send the JSONL file in a field named 'file'")
+        if not self._ended:
+            raise BadUpload(
+                "the upload ended before its closing boundary (cut off?); nothing was kept"
+            )
+
+    def _end(self) -> None:
+        self._ended = True
 
     def _add(self, name: str, data: bytes) -> None:
         setattr(self, name, getattr(self, name) + data)

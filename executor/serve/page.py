@@ -19,13 +19,14 @@ from executor.store import workers as registry
 from executor.units import format_bytes, format_duration
 
 ALIVE_WITHIN = 60.0
+SAMPLES = 5000  # the latest rate samples of a job drawn as its tok/s line
 
 
 def snapshot(db: Database, lease_seconds: float = 120.0) -> dict[str, Any]:
     """Jobs (with tok/s over time), workers, the current load's VRAM and the load history."""
     jobs = job_rows(db, limit=20)
     for job in jobs:
-        job["timeline"] = _rates(queue.token_timeline(db, job["id"]))
+        job["timeline"] = _rates(_timeline(db, job))
     loads = load_store.recent_loads(db, 15)
     return {
         "jobs": jobs,
@@ -33,6 +34,26 @@ def snapshot(db: Database, lease_seconds: float = 120.0) -> dict[str, Any]:
         "vram": _vram(loads),
         "loads": [_load(x) for x in loads],
     }
+
+
+def _timeline(db: Database, job: dict[str, Any]) -> list[tuple[datetime, int]]:
+    """(when, tokens generated since the point before) from the workers' samples, which
+    count tokens as they are generated; a job run before samples existed: its results."""
+    samples = registry.rate_samples_of(db, job["id"], SAMPLES)
+    if not samples or not job["started_at"]:
+        return queue.token_timeline(db, job["id"])
+    points = [(datetime.fromisoformat(job["started_at"].removesuffix("Z")), 0)]
+    cut = len(samples) == SAMPLES  # older samples exist: a worker's first one here is a total
+    last: dict[str, int] = {}
+    for worker, at, tokens in samples:
+        before = last.get(worker)
+        last[worker] = tokens
+        if before is None and cut:
+            continue
+        # A worker's samples count from its run's start: a restart begins a new series.
+        before = before or 0
+        points.append((at, tokens - before if tokens >= before else tokens))
+    return points
 
 
 def _rates(points: list[tuple[datetime, int]], buckets: int = 30) -> list[list[float]]:

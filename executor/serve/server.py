@@ -9,8 +9,9 @@ import socket
 
 from executor.config import Settings
 from executor.errors import UsageError
-from executor.serve.app import ServeOptions, create_app, files_folder
+from executor.serve.app import create_app, files_folder
 from executor.serve.files import FileStore
+from executor.serve.routes import ServeOptions
 from executor.store import Database
 from executor.units import parse_size
 
@@ -54,8 +55,11 @@ def serve(
     """Run until SIGTERM/Ctrl-C. Refuses a non-loopback bind without an API key."""
     import uvicorn
 
-    if api_key is not None and len(api_key) < 8:
-        raise UsageError("--api-key: at least 8 characters (a long random one is best)")
+    if api_key is not None and (len(api_key) < 8 or not api_key.isprintable() or " " in api_key):
+        raise UsageError(
+            "--api-key: at least 8 characters, no spaces or control characters "
+            "(a long random one is best: python3 -c 'import secrets; print(secrets.token_hex())')"
+        )
     if not is_loopback(host) and not api_key:
         raise UsageError(
             f"binding to {host} makes the API reachable from other machines",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,7 +36,7 @@ class ApiBatch:
     completion_window: str
     metadata: dict[str, str] | None
     job_id: int | None
-    state: str  # validating, failed, submitted, cancelling
+    state: str  # validating, failed, submitted, cancelling, cancelled
     errors: list[dict[str, Any]] | None
     output_file_id: str | None
     error_file_id: str | None
@@ -44,6 +44,7 @@ class ApiBatch:
     failed_at: datetime | None
     cancelling_at: datetime | None
     finalizing_at: datetime | None
+    lease_until: datetime | None  # a server is validating or finalizing it until then
 
 
 def new_id(prefix: str) -> str:
@@ -117,7 +118,11 @@ def create_batch(
     endpoint: str,
     completion_window: str,
     metadata: dict[str, str] | None,
+    lease_seconds: float,
 ) -> ApiBatch:
+    """A new batch, `validating`, held by its creator for `lease_seconds` (it validates it
+    at once; if it dies doing so, another round takes it up once the lease is over)."""
+    now = utcnow()
     with db.write() as conn:
         row = conn.execute(
             sa.insert(api_batches)
@@ -128,7 +133,8 @@ def create_batch(
                 completion_window=completion_window,
                 metadata=metadata,
                 state="validating",
-                created_at=utcnow(),
+                created_at=now,
+                lease_until=now + timedelta(seconds=lease_seconds),
             )
             .returning(*api_batches.c)
         ).one()
@@ -149,26 +155,107 @@ def list_batches(db: Database, *, limit: int, after: str | None) -> list[ApiBatc
     return [_batch(r) for r in rows]
 
 
-def batches_in_state(db: Database, *states: str) -> list[ApiBatch]:
+def batches_in_state(db: Database, *states: str, free: bool = False) -> list[ApiBatch]:
+    """Batches in these states, oldest first; `free`: only those no server holds now."""
+    query = sa.select(api_batches).where(api_batches.c.state.in_(states))
+    if free:
+        query = query.where(_free())
     with db.read() as conn:
-        rows = conn.execute(
-            sa.select(api_batches).where(api_batches.c.state.in_(states)).order_by(api_batches.c.id)
-        ).all()
+        rows = conn.execute(query.order_by(api_batches.c.id)).all()
     return [_batch(r) for r in rows]
 
 
 def batches_to_finalize(db: Database, finished_job_ids: list[int]) -> list[ApiBatch]:
-    """Batches whose job has finished and whose output file is not written yet."""
+    """Batches whose job has finished, whose output is not written yet, and which no
+    server is finalizing now."""
     if not finished_job_ids:
         return []
     with db.read() as conn:
         rows = conn.execute(
             sa.select(api_batches).where(
                 api_batches.c.job_id.in_(finished_job_ids),
-                api_batches.c.finalizing_at.is_(None),
+                api_batches.c.output_file_id.is_(None),
+                _free(),
             )
         ).all()
     return [_batch(r) for r in rows]
+
+
+def take_batch(
+    db: Database, row_id: int, *, states: tuple[str, ...], lease_seconds: float, **values: Any
+) -> bool:
+    """Hold a batch for one step (validating, finalizing) if it is in `states`, its output
+    is not written and no server holds it: one conditional update, so of two servers one
+    wins. `values` are set with it (finalizing_at, ...). True if this call holds it now."""
+    now = utcnow()
+    with db.write() as conn:
+        return (
+            conn.execute(
+                sa.update(api_batches)
+                .where(
+                    api_batches.c.id == row_id,
+                    api_batches.c.state.in_(states),
+                    api_batches.c.output_file_id.is_(None),
+                    _free(now),
+                )
+                .values(lease_until=now + timedelta(seconds=lease_seconds), **values)
+            ).rowcount
+            > 0
+        )
+
+
+def finish_batch_files(
+    db: Database, row_id: int, output: tuple[int, int], errors: tuple[int, int] | None
+) -> bool:
+    """Make a finalized batch's files visible and point the batch at them, in one
+    transaction: (file row id, bytes) of the output and of the error file (None: there
+    was none). False, and nothing changed, if another server finished it first."""
+    with db.write() as conn:
+        ids = {
+            row: conn.execute(
+                sa.select(api_files.c.public_id).where(api_files.c.id == row)
+            ).scalar_one()
+            for row in [output[0], *([errors[0]] if errors else [])]
+        }
+        changed = conn.execute(
+            sa.update(api_batches)
+            .where(api_batches.c.id == row_id, api_batches.c.output_file_id.is_(None))
+            .values(
+                output_file_id=ids[output[0]],
+                error_file_id=ids[errors[0]] if errors else None,
+                lease_until=None,
+            )
+        ).rowcount
+        if not changed:
+            return False
+        for row, size in [output, *([errors] if errors else [])]:
+            conn.execute(sa.update(api_files).where(api_files.c.id == row).values(bytes=size))
+    return True
+
+
+def stale_reservations(db: Database, purpose: str, older_than: float) -> list[int]:
+    """Forget file rows of `purpose` reserved more than `older_than` seconds ago and never
+    finished (a server stopped while writing them); their row ids, whose bytes go too."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    with db.write() as conn:
+        return list(
+            conn.execute(
+                sa.delete(api_files)
+                .where(
+                    api_files.c.bytes < 0,
+                    api_files.c.purpose == purpose,
+                    api_files.c.created_at < cutoff,
+                )
+                .returning(api_files.c.id)
+            ).scalars()
+        )
+
+
+def _free(now: datetime | None = None) -> sa.ColumnElement[bool]:
+    """No server holds the batch: no lease, or one that has run out."""
+    return sa.or_(
+        api_batches.c.lease_until.is_(None), api_batches.c.lease_until < (now or utcnow())
+    )
 
 
 def update_batch(

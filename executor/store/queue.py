@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from executor.errors import NotFoundError, UnstorableResult
-from executor.records import ResultRecord
+from executor.records import FailCode, ResultRecord
 from executor.store.db import Database
 from executor.store.schema import (
     ItemStatus,
@@ -72,6 +72,7 @@ class NewItem:
     request: dict[str, Any]
     status: ItemStatus = ItemStatus.QUEUED
     error: str | None = None
+    error_code: FailCode | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def create_job(
                     "request": item.request,
                     "status": item.status,
                     "error": item.error,
+                    "error_code": item.error_code,
                     "attempts": 0,
                     "updated_at": now,
                 }
@@ -339,7 +341,9 @@ def retry_job(db: Database, job_id: int) -> int:
                 items.c.job_id == job_id,
                 items.c.status.in_([ItemStatus.FAILED, ItemStatus.CANCELLED]),
             )
-            .values(status=ItemStatus.QUEUED, attempts=0, error=None, updated_at=now)
+            .values(
+                status=ItemStatus.QUEUED, attempts=0, error=None, error_code=None, updated_at=now
+            )
         ).rowcount
         if n:
             conn.execute(
@@ -360,6 +364,7 @@ def fail_job(db: Database, job_id: int, reason: str) -> None:
             .values(
                 status=ItemStatus.FAILED,
                 error=reason,
+                error_code=FailCode.MODEL_FAILED,
                 lease_owner=None,
                 lease_until=None,
                 updated_at=now,
@@ -485,11 +490,13 @@ def complete(
     return True
 
 
-def fail_item(db: Database, item_id: int, *, owner: str, error: str) -> bool:
+def fail_item(
+    db: Database, item_id: int, *, owner: str, error: str, code: FailCode = FailCode.FAILED
+) -> bool:
     """Record that one item failed (its own fault, e.g. too long); the queue goes on."""
     now = utcnow()
     with db.write() as conn:
-        job_id = _close_item(conn, item_id, owner, ItemStatus.FAILED, error, now)
+        job_id = _close_item(conn, item_id, owner, ItemStatus.FAILED, error, now, code)
         if job_id is None:
             return False
         _finish_job_if_complete(conn, job_id, now)
@@ -534,6 +541,7 @@ def release(
                     .values(
                         status=ItemStatus.FAILED,
                         error=f"crashed the worker {max_attempts} times; last: {error}",
+                        error_code=FailCode.CRASHED,
                         **cleared,
                     )
                 )
@@ -591,6 +599,7 @@ def _close_item(
     status: ItemStatus,
     error: str | None,
     now: datetime,
+    code: FailCode | None = None,
 ) -> int | None:
     """Move a leased item to a final status; the job id, or None if the lease was not ours."""
     return conn.execute(
@@ -600,7 +609,14 @@ def _close_item(
             items.c.lease_owner == owner,
             items.c.status == ItemStatus.RUNNING,
         )
-        .values(status=status, error=error, lease_owner=None, lease_until=None, updated_at=now)
+        .values(
+            status=status,
+            error=error,
+            error_code=code,
+            lease_owner=None,
+            lease_until=None,
+            updated_at=now,
+        )
         .returning(items.c.job_id)
     ).scalar()
 
@@ -634,6 +650,7 @@ def export_rows(db: Database, job_id: int, statuses: Iterable[ItemStatus]) -> It
             items.c.custom_id,
             items.c.status,
             items.c.error,
+            items.c.error_code,
             items.c.request,
             results.c.output,
             results.c.finish_reason,

@@ -1,4 +1,4 @@
-"""The database schema (SQLAlchemy Core); Alembic migrations in migrations/ create it."""
+"""The database schema (SQLAlchemy Core); Alembic migrations in store/migrations/ create it."""
 
 from __future__ import annotations
 
@@ -98,6 +98,8 @@ items = sa.Table(
     sa.Column("lease_owner", sa.String(200), nullable=True),
     sa.Column("lease_until", sa.DateTime, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    # What kind of failure (ItemError): how OpenAI's batch output states it (400 or 500).
+    sa.Column("error_code", sa.String(40), nullable=True),
     sa.Column("updated_at", sa.DateTime, nullable=False),
     sa.Index("ix_items_job_line", "job_id", "line"),
     sa.Index("ix_items_status_job", "status", "job_id", "id"),
@@ -230,9 +232,28 @@ workers = sa.Table(
     sa.Column("model", sa.Text, nullable=True),  # the model loaded now
     sa.Column("job_id", sa.Integer, nullable=True),  # the job worked on now
     sa.Column("tokens_per_s", sa.Float, nullable=True),
+    # The items in flight in its model process now: tokens generated so far, and how far
+    # along they are in items (each counts generated / max_tokens), for live tok/s and ETA.
+    sa.Column("tokens_in_flight", sa.Integer, nullable=True),
+    sa.Column("items_in_flight", sa.Float, nullable=True),
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("heartbeat_at", sa.DateTime, nullable=False),
     sa.Column("stopped_at", sa.DateTime, nullable=True),
+)
+
+
+# Completion tokens a worker has generated on a job so far (finished and in flight), sampled
+# every few seconds: the status page's tok/s over time, even while the first wave of a job
+# decodes and nothing has finished yet.
+rate_samples = sa.Table(
+    "rate_samples",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("worker_id", sa.String(200), nullable=False),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("tokens", sa.BigInteger, nullable=False),
+    sa.Index("ix_rate_samples_job", "job_id", "id"),
 )
 
 
@@ -262,7 +283,8 @@ api_batches = sa.Table(
     sa.Column("completion_window", sa.String(16), nullable=False),
     sa.Column("metadata", sa.JSON, nullable=True),
     sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True),
-    sa.Column("state", sa.String(16), nullable=False),  # validating, failed, submitted, cancelling
+    # validating, failed, submitted, cancelling, cancelled (cancelled before it had a job)
+    sa.Column("state", sa.String(16), nullable=False),
     sa.Column("errors", sa.JSON, nullable=True),  # OpenAI's errors.data when validation failed
     sa.Column("output_file_id", sa.String(64), nullable=True),
     sa.Column("error_file_id", sa.String(64), nullable=True),
@@ -270,4 +292,7 @@ api_batches = sa.Table(
     sa.Column("failed_at", sa.DateTime, nullable=True),
     sa.Column("cancelling_at", sa.DateTime, nullable=True),
     sa.Column("finalizing_at", sa.DateTime, nullable=True),
+    # A server validating or finalizing the batch holds it until then: two servers on one
+    # database never do the same step twice, and a step cut short is taken up again after.
+    sa.Column("lease_until", sa.DateTime, nullable=True),
 )

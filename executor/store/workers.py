@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from executor.store.db import Database
-from executor.store.schema import utcnow, workers
+from executor.store.schema import rate_samples, utcnow, workers
 
 
 def register(
@@ -39,14 +39,23 @@ def register(
         )
 
 
-def heartbeat(db: Database, worker_id: str, **state: Any) -> None:
-    """I am alive; `state`: model, job_id, tokens_per_s as they are now."""
+def heartbeat(
+    db: Database, worker_id: str, *, sample: tuple[int, int] | None = None, **state: Any
+) -> None:
+    """I am alive; `state`: model, job_id, tokens_per_s, tokens and items in flight as they
+    are now; `sample`: (job id, completion tokens this run has generated on it so far)."""
+    now = utcnow()
     with db.write() as conn:
         conn.execute(
-            sa.update(workers)
-            .where(workers.c.id == worker_id)
-            .values(heartbeat_at=utcnow(), **state)
+            sa.update(workers).where(workers.c.id == worker_id).values(heartbeat_at=now, **state)
         )
+        if sample is not None:
+            job_id, tokens = sample
+            conn.execute(
+                sa.insert(rate_samples).values(
+                    job_id=job_id, worker_id=worker_id, at=now, tokens=tokens
+                )
+            )
 
 
 def stopped(db: Database, worker_id: str) -> None:
@@ -54,7 +63,14 @@ def stopped(db: Database, worker_id: str) -> None:
         conn.execute(
             sa.update(workers)
             .where(workers.c.id == worker_id)
-            .values(stopped_at=utcnow(), heartbeat_at=utcnow(), model=None, job_id=None)
+            .values(
+                stopped_at=utcnow(),
+                heartbeat_at=utcnow(),
+                model=None,
+                job_id=None,
+                tokens_in_flight=None,
+                items_in_flight=None,
+            )
         )
 
 
@@ -71,3 +87,36 @@ def listing(db: Database, alive_within: float) -> list[dict[str, Any]]:
         row["alive"] = row["stopped_at"] is None and now - beat < timedelta(seconds=alive_within)
         row["heartbeat_age_s"] = round((now - beat).total_seconds(), 1)
     return sorted(rows, key=lambda r: not r["alive"])
+
+
+def in_flight(db: Database, alive_within: float = 60.0) -> dict[int, tuple[int, float]]:
+    """Per job, what live workers have in flight now: (tokens generated, items' worth)."""
+    since = utcnow() - timedelta(seconds=alive_within)
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(
+                workers.c.job_id, workers.c.tokens_in_flight, workers.c.items_in_flight
+            ).where(
+                workers.c.stopped_at.is_(None),
+                workers.c.heartbeat_at >= since,
+                workers.c.job_id.is_not(None),
+            )
+        ).all()
+    live: dict[int, tuple[int, float]] = {}
+    for job_id, tokens, items in rows:
+        before = live.get(job_id, (0, 0.0))
+        live[job_id] = (before[0] + (tokens or 0), before[1] + (items or 0.0))
+    return live
+
+
+def rate_samples_of(db: Database, job_id: int, last: int = 5000) -> list[tuple[str, datetime, int]]:
+    """(worker, when, tokens that worker's run had generated on the job) of its latest
+    `last` samples, oldest first."""
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(rate_samples.c.worker_id, rate_samples.c.at, rate_samples.c.tokens)
+            .where(rate_samples.c.job_id == job_id)
+            .order_by(rate_samples.c.id.desc())
+            .limit(last)
+        ).all()
+    return [(r[0], r[1], r[2]) for r in reversed(rows)]
