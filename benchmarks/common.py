@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from executor.cpus import cpu_count  # noqa: E402
+from executor.machine.cpus import cpu_count  # noqa: E402
 
 TOPICS = [
     "the sea", "a lighthouse", "bread", "rain", "mountains", "a library", "trains", "the moon",

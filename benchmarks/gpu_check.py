@@ -38,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from executor.gpu import probe  # noqa: E402
+from executor.machine.gpu import probe  # noqa: E402
 from executor.units import format_bytes, parse_size  # noqa: E402
 from tests.synthetic_gguf import write_llama_gguf, write_moe_gguf  # noqa: E402
 

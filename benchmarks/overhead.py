@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import WORKLOADS, executor_run, plain_loop, threads  # noqa: E402
-from executor.models import resolve_model  # noqa: E402
+from executor.gguf.models import resolve_model  # noqa: E402
 
 
 def main() -> None:

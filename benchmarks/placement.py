@@ -6,7 +6,7 @@
 Models: a gpt-oss-120b-shaped file (36 blocks of 128 MXFP4 experts, 63 GB) and a
 Llama-3.3-70B Q5_K_M-shaped one (80 dense blocks, 50 GB), sparse headers written here.
 
-Both sides are costed with the same per-tensor accounting (executor.plan: weights by the
+Both sides are costed with the same per-tensor accounting (executor.planning.plan: weights by the
 tensor table, KV cache, compute buffer with the staged RAM weight), so the table compares the
 algorithms, not two estimators. fit.cpp's steps for one GPU, as the vendored source has them:
   1. keep a margin of 1 GiB free (fit_params_target);
@@ -31,16 +31,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from executor.gguf_info import EXPERTS, ModelInfo, read_model_info  # noqa: E402
-from executor.gpu import Device  # noqa: E402
-from executor.placement import EXPERT_PATTERN, assign, first_gpu_block  # noqa: E402
-from executor.plan import (  # noqa: E402
+from executor.gguf.info import EXPERTS, ModelInfo, read_model_info  # noqa: E402
+from executor.machine.gpu import Device  # noqa: E402
+from executor.planning.placement import EXPERT_PATTERN, assign, first_gpu_block  # noqa: E402
+from executor.planning.plan import make_plan  # noqa: E402
+from executor.planning.sizes import (  # noqa: E402
     CUDA_RESERVE,
     GiB,
     PlanRequest,
     compute_bytes,
     kv_layer_bytes,
-    make_plan,
 )
 from tests.synthetic_gguf import write_llama_gguf, write_moe_gguf  # noqa: E402
 

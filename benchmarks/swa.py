@@ -17,10 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from executor.engine.llama import LlamaEngine, dry_run  # noqa: E402
-from executor.gguf_info import read_model_info  # noqa: E402
-from executor.plan import PlanRequest, kv_layer_bytes  # noqa: E402
-from executor.records import GenerationRequest, LoadSpec  # noqa: E402
+from executor.engine.llama import LlamaEngine  # noqa: E402
+from executor.engine.llama_setup import dry_run  # noqa: E402
+from executor.engine.protocol import LoadSpec  # noqa: E402
+from executor.gguf.info import read_model_info  # noqa: E402
+from executor.params import GenerationRequest  # noqa: E402
+from executor.planning.sizes import (  # noqa: E402
+    PlanRequest,
+    kv_layer_bytes,
+)
 from tests.synthetic_gguf import write_moe_gguf  # noqa: E402
 
 

@@ -39,7 +39,7 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import WORKLOADS, executor_run, plain_loop, threads  # noqa: E402
-from executor.models import resolve_model  # noqa: E402
+from executor.gguf.models import resolve_model  # noqa: E402
 
 
 def batched_bench_binary() -> Path | str:

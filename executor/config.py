@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from executor.errors import ConfigError
-from executor.files import load_yaml, read_text
-from executor.records import INTEGER_PARAMS, JOB_PARAMS, PARAM_BOUNDS
+from executor.params import INTEGER_PARAMS, JOB_PARAMS, KV_CACHE_TYPES, PARAM_BOUNDS
+from executor.paths import load_yaml, read_text
 from executor.redact import redact
 from executor.units import parse_cap
 
@@ -189,7 +189,7 @@ OPTIONS: dict[str, Option] = {
     "flash_attn": Option(
         _choice("auto", "on", "off"), "auto", "flash attention: auto (on with GPU offload), on, off"
     ),
-    "cache_type": Option(_choice("f16", "q8_0", "q4_0"), "f16", "KV cache element type"),
+    "cache_type": Option(_choice(*KV_CACHE_TYPES), "f16", "KV cache element type"),
     "n_batch": Option(_int(32), 512, "logical batch size (tokens per decode call)"),
     "n_ubatch": Option(
         _auto_or(_int(32)),
@@ -292,6 +292,12 @@ class Settings:
     def generation_defaults(self) -> dict[str, Any]:
         """The job-level generation parameters that submit records."""
         return {k: getattr(self, k) for k in JOB_PARAMS}
+
+    def overridden(self, values: Mapping[str, Any], origin: str) -> Settings:
+        """These settings with `values` (checked as any setting is) from `origin`, e.g. a
+        job's own load settings from "job 3"."""
+        parsed = {k: _parse(k, v, f"{origin}: {k}") for k, v in values.items()}
+        return replace(self, **parsed, sources={**self.sources, **dict.fromkeys(parsed, origin)})
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting by name (without the provenance)."""

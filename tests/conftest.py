@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from executor.models import DEFAULT_MODEL, default_model_candidates
+from executor.gguf.models import DEFAULT_MODEL, default_model_candidates
 from executor.store import Database, open_database
 from tests.helpers import run_cli
 from tests.pg_server import PgDatabases, PgServer

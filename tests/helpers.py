@@ -162,6 +162,16 @@ def write_jsonl(path: Path, rows: list[object]) -> Path:
     return path
 
 
+def submit_rows(
+    tmp_path: Path, db_path: Path | None, model: Path, rows: list[dict], *args: str
+) -> int:
+    """Write `rows` to a new JSON-lines file and `executor submit` it with `model` (extra
+    flags in `args`, e.g. "--db", URL); the job id."""
+    path = write_jsonl(tmp_path / f"in-{time.monotonic_ns()}.jsonl", rows)
+    done = run_cli("submit", str(path), "--model", str(model), *args, db_path=db_path, check=True)
+    return int(done.stdout.strip())
+
+
 def read_jsonl(path: Path | str) -> list[dict]:
     text = Path(path).read_text(encoding="utf-8") if isinstance(path, Path) else path
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -170,7 +180,7 @@ def read_jsonl(path: Path | str) -> list[dict]:
 def tiny_info(**fields: object):
     """A hand-made ModelInfo (6 gemma3-like blocks of one 1-byte tensor), for unit tests of
     the plan's arithmetic; `fields` override any of its values."""
-    from executor.gguf_info import ModelInfo, TensorInfo
+    from executor.gguf.info import ModelInfo, TensorInfo
 
     n_layer = int(fields.get("n_layer", 6))  # type: ignore[arg-type]
     base: dict[str, object] = dict(
@@ -210,8 +220,8 @@ def table_counts(db_path: Path) -> tuple:
 
 def generate_in_process(spec, log: Path, requests: list) -> dict[int, str]:
     """Run one batch through a real model process (`spec`: a LoadSpec); item id → output."""
-    from executor.records import BatchDone, ItemDone, ItemFailed
-    from executor.supervisor import ModelProcess
+    from executor.engine.protocol import BatchDone, ItemDone, ItemFailed
+    from executor.run.supervisor import ModelProcess
 
     proc = ModelProcess(spec, log)
     proc.start()

@@ -293,7 +293,7 @@ def default_tokenizer() -> list[tuple[str, Any, VT, VT | None]]:
     """The default model's tokenizer.* key/values (read once)."""
     global _DEFAULT_TOKENIZER
     if _DEFAULT_TOKENIZER is None:
-        from executor.models import resolve_model
+        from executor.gguf.models import resolve_model
 
         reader = gguf.GGUFReader(str(resolve_model(None)))
         values = []

@@ -14,7 +14,7 @@ import yaml
 
 from executor.config import xdg_dir
 from executor.errors import UsageError
-from executor.jobspec import read_spec
+from executor.jobs.jobspec import read_spec
 from tests.helpers import ROOT, query, read_jsonl, run_cli, write_jsonl
 
 VLLM_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"

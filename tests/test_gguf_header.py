@@ -10,8 +10,8 @@ import gguf
 import pytest
 
 from executor.errors import ModelError
-from executor.ggml_types import FILE_TYPES, GGML_TYPES
-from executor.gguf_header import LongArray, read_header
+from executor.gguf.header import LongArray, read_header
+from executor.gguf.types import FILE_TYPES, GGML_TYPES
 
 
 def test_the_type_tables_are_gguf_pys():

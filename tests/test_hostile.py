@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from executor.errors import InputError
-from executor.inputs import PromptFile
+from executor.jobs.inputs import PromptFile
 from tests.helpers import (
     ROOT,
     query,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from executor.errors import InputError
-from executor.inputs import PromptFile, format_problems
+from executor.jobs.inputs import PromptFile, format_problems
 
 
 def scan_lines(tmp_path: Path, content: bytes):

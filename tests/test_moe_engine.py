@@ -10,11 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from executor.gguf_info import read_model_info
-from executor.placement import Placement, rules
-from executor.plan import MiB, PlanRequest, make_plan
-from executor.records import GenerationRequest, LoadSpec
-from executor.supervisor import dry_run
+from executor.engine.probes import dry_run
+from executor.engine.protocol import LoadSpec
+from executor.gguf.info import read_model_info
+from executor.params import GenerationRequest
+from executor.planning.placement import Placement, rules
+from executor.planning.plan import make_plan
+from executor.planning.sizes import (
+    MiB,
+    PlanRequest,
+)
 from tests.helpers import generate_in_process, query, read_jsonl, run_cli, write_jsonl
 from tests.synthetic_gguf import write_moe_gguf
 

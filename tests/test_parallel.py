@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.records import GenerationRequest, LoadSpec
+from executor.engine.protocol import LoadSpec
+from executor.params import GenerationRequest
 from tests.helpers import ROOT, generate_in_process, read_jsonl, run_cli, write_jsonl
 
 pytestmark = pytest.mark.model

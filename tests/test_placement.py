@@ -13,22 +13,24 @@ from pathlib import Path
 
 import pytest
 
-from executor.gguf_info import EXPERTS, read_model_info
-from executor.gpu import Device
-from executor.placement import Placement, assign, candidates, int_range_regex
-from executor.plan import (
-    GiB,
-    MiB,
-    PlanRequest,
+from executor.engine.probes import dry_run
+from executor.engine.protocol import LoadSpec
+from executor.gguf.info import EXPERTS, read_model_info
+from executor.machine.gpu import Device
+from executor.planning.placement import Placement, assign, candidates, int_range_regex
+from executor.planning.plan import (
     _blocks,
     _gpu_bytes,
-    kv_layer_bytes,
     llama_args,
     make_plan,
     shrink,
 )
-from executor.records import LoadSpec
-from executor.supervisor import dry_run
+from executor.planning.sizes import (
+    GiB,
+    MiB,
+    PlanRequest,
+    kv_layer_bytes,
+)
 from tests.helpers import run_cli, tiny_info
 from tests.synthetic_gguf import write_llama_gguf, write_moe_gguf
 
@@ -164,7 +166,7 @@ def test_rules_give_what_the_search_counted(moe, shape):
     info = read_model_info(moe[shape])
     kv = kv_layer_bytes(info, AT_8K)
     blocks = _blocks(info)
-    from executor.plan import parts_for
+    from executor.planning.plan import parts_for
 
     for p in list(candidates(info, True))[::3]:
         gpu, _, _ = parts_for(info, AT_8K, p, kv, True)
@@ -206,7 +208,7 @@ def test_int_range_regex_matches_exactly_the_range():
 
 
 def test_rules_are_first_match_wins():
-    from executor.gguf_info import TensorInfo
+    from executor.gguf.info import TensorInfo
 
     info = tiny_info(
         tensors=(

@@ -8,20 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from executor.gguf_info import read_model_info
-from executor.gpu import Device, FakeNvml, probe, process_vram
-from executor.placement import Placement
-from executor.plan import (
+from executor.engine.probes import dry_run
+from executor.engine.protocol import LoadSpec
+from executor.gguf.info import read_model_info
+from executor.machine.gpu import Device, FakeNvml, probe, process_vram
+from executor.planning.placement import Placement
+from executor.planning.plan import make_plan
+from executor.planning.sizes import (
     CUDA_RESERVE,
     FREE_HEADROOM,
     GiB,
     MiB,
     PlanRequest,
     kv_layer_bytes,
-    make_plan,
 )
-from executor.records import LoadSpec
-from executor.supervisor import dry_run
 from executor.units import format_bytes, parse_cap, parse_size
 from tests.helpers import run_cli, tiny_info
 from tests.synthetic_gguf import (

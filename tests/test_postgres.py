@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -15,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from executor.store import open_database
 from executor.store.db import head_revision
 from executor.store.schema import metadata
-from tests.helpers import run_cli, start_cli, wait_for, write_jsonl
+from tests.helpers import run_cli, start_cli, submit_rows, wait_for, write_jsonl
 
 
 def test_blank_postgres_database_upgraded_to_head_matches_the_models(postgres):
@@ -46,16 +45,9 @@ def counts(url: str) -> dict[str, int]:
     return {**{status: n for status, n in rows}, "results": results[0], "distinct": results[1]}
 
 
-def submit_rows(tmp_path: Path, pg_url: str, model: Path, rows: list[dict]) -> str:
-    path = write_jsonl(tmp_path / "in.jsonl", rows)
-    return run_cli(
-        "submit", str(path), "--model", str(model), "--db", pg_url, check=True
-    ).stdout.strip()
-
-
 def test_four_workers_drain_2000_items_exactly_once_despite_a_kill(tmp_path, pg_url, tiny_model):
     rows = [{"custom_id": f"c{i}", "prompt": f"item number {i}"} for i in range(2000)]
-    job = submit_rows(tmp_path, pg_url, tiny_model, rows)
+    job = str(submit_rows(tmp_path, None, tiny_model, rows, "--db", pg_url))
     env = {
         "EXECUTOR_ENGINE": "fake",
         "EXECUTOR_FAKE_TOKEN_SECONDS": "0.004",
@@ -100,7 +92,7 @@ def test_four_workers_drain_2000_items_exactly_once_despite_a_kill(tmp_path, pg_
 
 def test_one_worker_per_gpu_per_host(tmp_path, pg_url, tiny_model):
     rows = [{"prompt": f"slow {i} " + "word " * 50} for i in range(4)]
-    submit_rows(tmp_path, pg_url, tiny_model, rows)
+    str(submit_rows(tmp_path, None, tiny_model, rows, "--db", pg_url))
     env = {
         "EXECUTOR_ENGINE": "fake",
         "EXECUTOR_FAKE_TOKEN_SECONDS": "0.05",

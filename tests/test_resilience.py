@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from executor.plan import GiB
+from executor.planning.sizes import GiB
 from tests.helpers import (
     count_items,
     model_pids,
@@ -25,6 +25,7 @@ from tests.helpers import (
     read_jsonl,
     run_cli,
     start_cli,
+    submit_rows,
     wait_for,
     write_jsonl,
 )
@@ -58,6 +59,7 @@ def submit(
     words: int = 4,
     marker: dict[int, str] | None = None,
 ) -> str:
+    """`n` prompts of `words` words (a marker word appended to some, for fault injection)."""
     rows = [
         {
             "custom_id": f"c{i}",
@@ -66,10 +68,7 @@ def submit(
         }
         for i in range(n)
     ]
-    path = write_jsonl(tmp_path / f"in-{time.monotonic_ns()}.jsonl", rows)
-    return run_cli(
-        "submit", str(path), "--model", str(model), db_path=db_path, check=True
-    ).stdout.strip()
+    return str(submit_rows(tmp_path, db_path, model, rows))
 
 
 def exported(db_path: Path, job: str, *flags: str) -> list[dict]:
@@ -172,9 +171,9 @@ def test_when_even_the_cpu_cannot_load_the_job_fails_with_the_reason(tmp_path, d
 def test_measured_vram_above_the_cap_shrinks(tmp_path, db, model_1b):
     """NVML says the process uses more than the cap: kill, shrink by the overshoot, reload."""
     from executor.config import load_settings
-    from executor.gpu import FakeNvml
-    from executor.loader import ModelLoader
-    from executor.worker import engine_log_path
+    from executor.machine.gpu import FakeNvml
+    from executor.run.loader import ModelLoader
+    from executor.run.worker import engine_log_path
 
     settings = load_settings(
         {"db": str(db.sqlite_path), "engine": "fake", "vram_cap": "1GiB", "backoff_seconds": 0}

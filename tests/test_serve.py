@@ -283,7 +283,7 @@ def test_energy_per_job_from_nvml(tmp_path, db_path, tiny_model):
 
 
 def test_energy_is_unknown_without_a_counter(tmp_path, db_path, tiny_model, monkeypatch):
-    from executor import energy
+    from executor.machine import energy
 
     monkeypatch.setattr(energy, "RAPL", tmp_path / "no-powercap")
     assert energy.meter(None, None) is None

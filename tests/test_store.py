@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from executor.records import ResultRecord
-from executor.store import Database, open_database, queue
+from executor.outcomes import ResultRecord
+from executor.store import Database, open_database, queue, results
 from executor.store.db import HEAD_REVISION, head_revision
 from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus, JobStatus, items, metadata, utcnow
@@ -91,7 +91,7 @@ def test_complete_checkpoints_once_and_finishes_the_job(store: Database):
     assert queue.fail_item(store, b.id, owner="w1", error="too long")
     job = queue.get_job(store, job_id)
     assert job.status == JobStatus.DONE and job.finished_at is not None
-    (state,) = queue.progress(store, [job])
+    (state,) = results.progress(store, [job])
     assert state.counts == {ItemStatus.DONE: 1, ItemStatus.FAILED: 1}
     assert (state.prompt_tokens, state.completion_tokens) == (3, 5)
 
@@ -207,7 +207,7 @@ def test_export_rows_in_input_order(store: Database):
     claimed = queue.claim(store, job_id, limit=3, owner="w", lease_seconds=60)
     for item in reversed(claimed):
         queue.complete(store, item.id, owner="w", result=RESULT, model_sha256="s")
-    rows = list(queue.export_rows(store, job_id, [ItemStatus.DONE]))
+    rows = list(results.export_rows(store, job_id, [ItemStatus.DONE]))
     assert [r.custom_id for r in rows] == ["c1", "c2", "c3"]
 
 

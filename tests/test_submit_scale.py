@@ -13,7 +13,7 @@ MEASURE = """
 import json, resource, sys
 from executor.config import load_settings
 from executor.store import open_database
-from executor.submit import submit
+from executor.jobs.submit import submit
 path, db, model = sys.argv[1:4]
 settings = load_settings({"db": db, "model": model})
 result = submit(settings, open_database(settings.db_url), path)

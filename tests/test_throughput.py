@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from executor import cpus
-from executor.decode_rates import candidates, pick_parallel
-from executor.records import GenerationRequest, LoadSpec
+from executor.engine.decode_rates import candidates, pick_parallel
+from executor.engine.protocol import LoadSpec
+from executor.machine import cpus
+from executor.params import GenerationRequest
 from tests.helpers import query, run_cli, write_jsonl
 
 FAKE = {"EXECUTOR_ENGINE": "fake"}
@@ -67,7 +68,7 @@ def test_a_quota_on_a_parent_cgroup_counts_and_no_sysfs_means_logical_cpus(tmp_p
 
 
 def test_both_thread_counts_of_the_context_are_the_setting():
-    from executor.engine.llama import context_params
+    from executor.engine.llama_setup import context_params
 
     cparams = context_params(LoadSpec(engine="llama", model_path="m", n_ctx=256,
                                       n_gpu_layers=0, n_threads=3))  # fmt: skip
@@ -173,8 +174,8 @@ def test_the_next_batch_is_queued_before_the_slots_drain(tmp_path, db_path, tiny
 
 
 def test_a_batch_sent_while_one_runs_is_generated_by_the_same_process(tmp_path, tiny_model):
-    from executor.records import BatchDone, ItemDone
-    from executor.supervisor import ModelProcess
+    from executor.engine.protocol import BatchDone, ItemDone
+    from executor.run.supervisor import ModelProcess
 
     spec = LoadSpec(engine="fake", model_path=str(tiny_model), n_ctx=256, n_gpu_layers=0,
                     parallel=2)  # fmt: skip

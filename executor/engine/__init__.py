@@ -2,7 +2,7 @@
 
 Only `executor.engine.llama` imports llama_cpp; the fake engine in `executor.engine.fake` answers
 deterministically for tests. Both run inside the child process (`executor.engine.child`); what
-crosses the pipe is defined in `executor.records`. Nothing here imports the store.
+crosses the pipe is defined in `executor.engine.protocol`. Nothing here imports the store.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from executor.records import FailCode, GenerationRequest, LoadSpec, ResultRecord
+from executor.engine.protocol import LoadSpec
+from executor.outcomes import FailCode, ResultRecord
+from executor.params import GenerationRequest
 
 if TYPE_CHECKING:
     from executor.engine.faults import Faults

@@ -1,6 +1,6 @@
 """The model process: loads the engine once, then generates the items the parent sends.
 
-The messages over the pipe are the dataclasses of `executor.records` (its docstring has the
+The messages over the pipe are the dataclasses of `executor.engine.protocol` (its docstring has the
 order).
 
 llama.cpp aborts the whole process on a CUDA error during decode, so nothing here tries to
@@ -19,14 +19,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from executor.engine import Engine, LoadError, create_engine
-from executor.records import (
+from executor.engine.protocol import (
     AskCapabilities,
     Batch,
     BatchDone,
     Capabilities,
     Drop,
-    FailCode,
-    GenerationRequest,
     ItemDone,
     ItemFailed,
     ItemStarted,
@@ -35,9 +33,10 @@ from executor.records import (
     LoadSpec,
     Progress,
     Ready,
-    ResultRecord,
     Stop,
 )
+from executor.outcomes import FailCode, ResultRecord
+from executor.params import GenerationRequest
 
 PR_SET_PDEATHSIG = 1
 
@@ -87,7 +86,7 @@ def main(conn: Connection, log_path: str, engine_name: str, gpu_uuid: str | None
 
 def _capabilities(engine_name: str) -> Capabilities:
     if engine_name == "llama":
-        from executor.engine.llama import capabilities
+        from executor.engine.llama_setup import capabilities
 
         return Capabilities(**capabilities())
     return Capabilities(version="fake", gpu_offload=True)  # the fake engine plays a GPU build
@@ -163,7 +162,7 @@ def dry_run_main(conn: Connection, spec: LoadSpec | None, allocate: bool = False
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     try:
-        from executor.engine.llama import capabilities, dry_run
+        from executor.engine.llama_setup import capabilities, dry_run
 
         if spec is None:
             conn.send(("capabilities", capabilities()))

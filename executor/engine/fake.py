@@ -15,10 +15,12 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from executor.decode_rates import pick_parallel
 from executor.engine import BatchSink
+from executor.engine.decode_rates import pick_parallel
 from executor.engine.faults import Faults
-from executor.records import FailCode, GenerationRequest, LoadSpec, ResultRecord
+from executor.engine.protocol import LoadSpec
+from executor.outcomes import FailCode, ResultRecord
+from executor.params import GenerationRequest
 
 
 @dataclass

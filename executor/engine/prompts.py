@@ -15,7 +15,8 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from executor.engine import ItemError, LoadError
-from executor.records import FailCode, GenerationRequest
+from executor.outcomes import FailCode
+from executor.params import GenerationRequest
 
 TEMPLATE_SECONDS = 10.0  # templates render in microseconds; a loop in one must not hang
 

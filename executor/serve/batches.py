@@ -28,15 +28,15 @@ from typing import Any
 
 from executor.config import Settings
 from executor.errors import ExecutorError, InputError
-from executor.export import export_job
-from executor.openai_batch import URLS
+from executor.jobs.export import export_job
+from executor.jobs.openai_batch import URLS
+from executor.jobs.status import job_rows
+from executor.jobs.submit import submit
 from executor.serve.files import FileStore
-from executor.status import job_rows
 from executor.store import Database, queue
 from executor.store import api as store
 from executor.store.api import ApiBatch, ApiFile
 from executor.store.schema import JobStatus, utcnow
-from executor.submit import submit
 
 log = logging.getLogger(__name__)
 

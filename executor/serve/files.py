@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from executor.files import private_dir
+from executor.paths import private_dir
 
 
 class UploadTooLarge(Exception):

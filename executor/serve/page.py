@@ -12,8 +12,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from executor.status import job_rows
-from executor.store import Database, queue
+from executor.jobs.status import job_rows
+from executor.store import Database, results
 from executor.store import loads as load_store
 from executor.store import workers as registry
 from executor.units import format_bytes, format_duration
@@ -41,7 +41,7 @@ def _timeline(db: Database, job: dict[str, Any]) -> list[tuple[datetime, int]]:
     count tokens as they are generated; a job run before samples existed: its results."""
     samples = registry.rate_samples_of(db, job["id"], SAMPLES)
     if not samples or not job["started_at"]:
-        return queue.token_timeline(db, job["id"])
+        return results.token_timeline(db, job["id"])
     points = [(datetime.fromisoformat(job["started_at"].removesuffix("Z")), 0)]
     cut = len(samples) == SAMPLES  # older samples exist: a worker's first one here is a total
     last: dict[str, int] = {}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from executor.errors import DatabaseError, NoDatabaseError, UsageError
-from executor.files import PRIVATE_FILE, private_dir
+from executor.paths import PRIVATE_FILE, private_dir
 from executor.redact import redact
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from executor.errors import DatabaseError, LockedError
-from executor.files import PRIVATE_FILE, private_dir
+from executor.paths import PRIVATE_FILE, private_dir
 from executor.store.db import Database
 
 

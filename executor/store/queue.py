@@ -6,7 +6,7 @@ Every statement is portable SQLAlchemy Core (SQLite and PostgreSQL); every write
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,14 +14,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from executor.errors import NotFoundError, UnstorableResult
-from executor.records import FailCode, ResultRecord
+from executor.outcomes import FailCode, ResultRecord
 from executor.store.db import Database
 from executor.store.schema import (
     ItemStatus,
     JobStatus,
     items,
     jobs,
-    loads,
     results,
     utcnow,
 )
@@ -73,25 +72,6 @@ class NewItem:
     status: ItemStatus = ItemStatus.QUEUED
     error: str | None = None
     error_code: FailCode | None = None
-
-
-@dataclass(frozen=True)
-class JobProgress:
-    """Counts and token totals of one job, for status and progress."""
-
-    job: Job
-    counts: dict[ItemStatus, int]
-    prompt_tokens: int
-    completion_tokens: int
-    last_result_at: datetime | None
-
-    @property
-    def finished(self) -> int:
-        return sum(n for s, n in self.counts.items() if s not in UNFINISHED)
-
-    @property
-    def remaining(self) -> int:
-        return sum(self.counts.get(s, 0) for s in UNFINISHED)
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -195,33 +175,6 @@ def list_jobs(db: Database, *, job_id: int | None = None, limit: int = 50) -> li
         return [_job(row) for row in conn.execute(query)]
 
 
-def progress(db: Database, job_list: list[Job]) -> list[JobProgress]:
-    """Item counts per status and token totals for each job."""
-    ids = [job.id for job in job_list]
-    counts: dict[int, dict[ItemStatus, int]] = {i: {} for i in ids}
-    tokens: dict[int, tuple[int, int, datetime | None]] = {}
-    with db.read() as conn:
-        for job_id, status, n in conn.execute(
-            sa.select(items.c.job_id, items.c.status, sa.func.count())
-            .where(items.c.job_id.in_(ids))
-            .group_by(items.c.job_id, items.c.status)
-        ):
-            counts[job_id][ItemStatus(status)] = n
-        for job_id, p, c, last in conn.execute(
-            sa.select(
-                items.c.job_id,
-                sa.func.coalesce(sa.func.sum(results.c.prompt_tokens), 0),
-                sa.func.coalesce(sa.func.sum(results.c.completion_tokens), 0),
-                sa.func.max(results.c.created_at),
-            )
-            .join(results, results.c.item_id == items.c.id)
-            .where(items.c.job_id.in_(ids))
-            .group_by(items.c.job_id)
-        ):
-            tokens[job_id] = (p, c, last)
-    return [JobProgress(job, counts[job.id], *tokens.get(job.id, (0, 0, None))) for job in job_list]
-
-
 def next_job(
     db: Database,
     *,
@@ -250,53 +203,6 @@ def next_job(
     with db.read() as conn:
         row = conn.execute(query.order_by(*order).limit(1)).first()
     return _job(row) if row else None
-
-
-def items_to_count(
-    db: Database, job_id: int, *, after_id: int = 0, limit: int = 2000
-) -> list[ClaimedItem]:
-    """Unfinished items of a job whose context need is not counted yet, by id."""
-    query = (
-        sa.select(
-            items.c.id,
-            items.c.job_id,
-            items.c.line,
-            items.c.custom_id,
-            items.c.request,
-            items.c.attempts,
-        )
-        .where(
-            items.c.job_id == job_id,
-            items.c.status.in_(UNFINISHED),
-            items.c.context_need.is_(None),
-            items.c.id > after_id,
-        )
-        .order_by(items.c.id)
-        .limit(limit)
-    )
-    with db.read() as conn:
-        return [ClaimedItem(*row) for row in conn.execute(query)]
-
-
-def set_context_need(db: Database, needs: dict[int, int]) -> None:
-    """Record how many tokens each item's sequence needs (prompt + max_tokens)."""
-    if not needs:
-        return
-    with db.write() as conn:
-        conn.execute(
-            sa.update(items).where(items.c.id == sa.bindparam("item_id")),
-            [{"item_id": i, "context_need": n} for i, n in needs.items()],
-        )
-
-
-def context_need(db: Database, job_id: int) -> int | None:
-    """The most tokens any unfinished item of the job needs (None: none counted)."""
-    with db.read() as conn:
-        return conn.execute(
-            sa.select(sa.func.max(items.c.context_need)).where(
-                items.c.job_id == job_id, items.c.status.in_(UNFINISHED)
-            )
-        ).scalar()
 
 
 def running_items(db: Database, job_id: int | None = None, owner: str | None = None) -> int:
@@ -636,63 +542,6 @@ def _finish_job_if_complete(conn: sa.Connection, job_id: int, now: datetime) -> 
         )
         .values(status=JobStatus.DONE, finished_at=now)
     )
-
-
-# --- export ------------------------------------------------------------------------------------
-
-
-def export_rows(db: Database, job_id: int, statuses: Iterable[ItemStatus]) -> Iterator[sa.Row[Any]]:
-    """Items of a job with their results and the load they ran under, in input order,
-    streamed in chunks."""
-    query = (
-        sa.select(
-            items.c.line,
-            items.c.custom_id,
-            items.c.status,
-            items.c.error,
-            items.c.error_code,
-            items.c.request,
-            results.c.output,
-            results.c.finish_reason,
-            results.c.prompt_tokens,
-            results.c.completion_tokens,
-            results.c.prompt_ms,
-            results.c.generation_ms,
-            results.c.total_ms,
-            results.c.model_sha256,
-            results.c.params,
-            results.c.created_at,
-            results.c.load_id,
-            loads.c.n_gpu_layers,
-            loads.c.parallel,
-            loads.c.n_ctx,
-            loads.c.vram_cap,
-            loads.c.n_ubatch,
-            loads.c.tensor_overrides,
-            loads.c.gpu_name,
-            loads.c.predicted_vram,
-            loads.c.measured_vram,
-        )
-        .outerjoin(results, results.c.item_id == items.c.id)
-        .outerjoin(loads, loads.c.id == results.c.load_id)
-        .where(items.c.job_id == job_id, items.c.status.in_(list(statuses)))
-        .order_by(items.c.line)
-    )
-    with db.engine.connect() as conn:
-        yield from conn.execution_options(yield_per=1000).execute(query)
-
-
-def token_timeline(db: Database, job_id: int, last: int = 5000) -> list[tuple[datetime, int]]:
-    """(finished at, completion tokens) of the job's latest `last` results, oldest first."""
-    with db.read() as conn:
-        rows = conn.execute(
-            sa.select(results.c.created_at, results.c.completion_tokens)
-            .join(items, items.c.id == results.c.item_id)
-            .where(items.c.job_id == job_id)
-            .order_by(results.c.id.desc())
-            .limit(last)
-        ).all()
-    return [(r[0], r[1]) for r in reversed(rows)]
 
 
 def add_energy(db: Database, job_id: int, millijoules: int, source: str) -> None:

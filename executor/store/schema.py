@@ -207,7 +207,7 @@ known_configs = sa.Table(
 
 
 # Decode tokens/s at 1, 2, 4, … sequences per step, measured by a CPU load with
-# --parallel auto (executor.decode_rates); {"1": 95.0, "2": 128.0, …}.
+# --parallel auto (executor.engine.decode_rates); {"1": 95.0, "2": 128.0, …}.
 decode_rates = sa.Table(
     "decode_rates",
     metadata,
