@@ -76,19 +76,15 @@ class TerminalHandler(logging.StreamHandler):
             self.status.show(kept)
 
 
-_status_line: StatusLine | None = None
-
-
 def setup_logging(
     log_format: str = "plain", *, verbose: bool = False, stream: TextIO | None = None
 ) -> StatusLine | None:
     """Configure the root logger; return the status line when stderr is a terminal."""
-    global _status_line
     stream = stream or sys.stderr
     interactive = stream.isatty() and log_format == "plain"
-    _status_line = StatusLine(stream) if interactive else None
+    status = StatusLine(stream) if interactive else None
     handler: logging.Handler = (
-        TerminalHandler(stream, _status_line) if _status_line else logging.StreamHandler(stream)
+        TerminalHandler(stream, status) if status else logging.StreamHandler(stream)
     )
     handler.setFormatter(JsonFormatter() if log_format == "json" else PlainFormatter())
     root = logging.getLogger()
@@ -98,9 +94,4 @@ def setup_logging(
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("alembic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return _status_line
-
-
-def status_line() -> StatusLine | None:
-    """The terminal's status line, if logging found a terminal."""
-    return _status_line
+    return status
