@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/claims.py
+	$(BIN)/python benchmarks/threads.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

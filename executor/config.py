@@ -12,7 +12,7 @@ from typing import Any
 from executor.errors import ConfigError
 from executor.params import INTEGER_PARAMS, JOB_PARAMS, KV_CACHE_TYPES, PARAM_BOUNDS
 from executor.paths import load_yaml, read_text
-from executor.redact import redact
+from executor.redact import mask_url, remember
 from executor.units import parse_cap
 
 
@@ -157,6 +157,10 @@ def _gpu_layers(value: Any) -> int | str:
     return number
 
 
+# Settings whose command-line flag is not their name with dashes.
+FLAG_NAMES = {"n_ubatch": "--ubatch"}
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: its parser, default and a line of help (shown by `config show`)."""
@@ -231,6 +235,9 @@ OPTIONS: dict[str, Option] = {
         _float(1.0), 600.0, "a model process silent this long with items in flight is killed"
     ),
     "progress_seconds": Option(_float(0.1), 10.0, "interval of progress log lines (no terminal)"),
+    "stop_timeout": Option(
+        _float(0), 30.0, "on SIGTERM/Ctrl-C: seconds the items in flight may take to finish"
+    ),
     "log_format": Option(_choice("plain", "json"), "plain", "log lines: plain or json"),
     "max_tokens": Option(_param("max_tokens"), 256, "default completion length per prompt"),
     "max_line_bytes": Option(
@@ -273,6 +280,7 @@ class Settings:
     max_attempts: int
     stall_seconds: float
     progress_seconds: float
+    stop_timeout: float
     log_format: str
     max_tokens: int
     max_line_bytes: int
@@ -306,7 +314,7 @@ class Settings:
     def shown(self) -> dict[str, Any]:
         """as_dict with secrets masked (a database URL's password), for printing."""
         values = self.as_dict()
-        values["db"] = redact(values["db"])
+        values["db"] = mask_url(values["db"])
         return values
 
 
@@ -367,11 +375,12 @@ def load_settings(
     for key, raw in flags.items():
         if key not in OPTIONS:
             raise ConfigError(f"unknown setting {key!r}")
-        values[key] = _parse(key, raw, f"--{key.replace('_', '-')}")
+        values[key] = _parse(key, raw, FLAG_NAMES.get(key, f"--{key.replace('_', '-')}"))
         sources[key] = "flag"
 
     if values["db"] is None:
         values["db"] = str(xdg_dir("data") / "executor.db")
+    remember(values["db"])  # its password is masked in everything printed from now on
     return Settings(**values, sources=sources, config_file=used_file)
 
 

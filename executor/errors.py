@@ -81,6 +81,10 @@ class NoDatabaseError(DatabaseError):
     """A SQLite database that does not exist (and the command does not create one)."""
 
 
+class DatabaseGone(DatabaseError):
+    """The SQLite file a process opened was deleted or replaced under it."""
+
+
 class DiskError(ExecutorError):
     """A file executor must write cannot be written: a full disk, a read-only folder."""
 

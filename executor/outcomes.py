@@ -15,6 +15,7 @@ class FailCode(StrEnum):
     CONTEXT_LENGTH = "context_length_exceeded"  # the prompt does not fit the context
     BAD_SCHEMA = "invalid_json_schema"  # no grammar can be made from its json_schema
     BAD_PROMPT = "invalid_prompt"  # its messages cannot be rendered with the chat template
+    SCHEMA_NOT_MET = "json_schema_not_met"  # the output does not meet its json_schema
     CRASHED = "crashed"  # it crashed the model process max_attempts times
     UNSTORABLE = "unstorable_output"  # the answer holds what no database can store
     MODEL_FAILED = "model_failed"  # the job's model would not load at all

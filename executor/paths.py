@@ -97,11 +97,39 @@ def _expanded_size(root: yaml.Node, where: str) -> int:
     return sizes[id(root)]
 
 
+def _refuse_duplicate_keys(root: yaml.Node, where: str) -> None:
+    """A key written twice in one mapping: YAML keeps the last silently; a setting typed
+    twice is a mistake to show (JSON lines refuse duplicate keys too)."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: dict[object, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    line = key.start_mark.line + 1
+                    if key.value in keys and key.value != "<<":
+                        raise UsageError(
+                            f"{where}:{line}: key {key.value!r} is given twice (first on line "
+                            f"{keys[key.value]}); keep one"
+                        )
+                    keys[key.value] = line
+                stack.extend((key, value))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def load_yaml(text: str, where: str) -> Any:
     """Safe YAML whose expanded size is bounded; UsageError naming `where`."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _refuse_duplicate_keys(node, where)
         if node is not None and (size := _expanded_size(node, where)) > MAX_YAML_VALUES:
             raise UsageError(
                 f"{where}: its aliases (*name) expand to {size:,} values, more than any "
@@ -195,10 +223,22 @@ def _max_depth(text: str) -> int:
 
 
 def private_dir(path: Path) -> Path:
-    """Create `path` (and parents) readable by this user only; an existing folder is left."""
-    if not path.is_dir():
-        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-        os.chmod(path, PRIVATE_DIR)  # mkdir's mode is filtered by the umask
+    """Create `path` and every missing parent readable by this user only, whatever the
+    umask (mkdir's mode is filtered by it, and parents would get the umask's default); an
+    existing folder is left as it is."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue  # a twin made it meanwhile
+        os.chmod(folder, PRIVATE_DIR)
     return path
 
 
@@ -235,7 +275,7 @@ def output_target(target: str | None, what: str = "output") -> Iterator[TextIO]:
         return
     real = path.resolve()  # a symlink's target is what gets replaced
     try:
-        real.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(real.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     except OSError as exc:
         raise UsageError(

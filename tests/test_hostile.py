@@ -629,3 +629,95 @@ def test_any_lines_are_either_queued_or_named(tmp_path, lines):
         assert (entry.request is None) != (entry.error is None)
         if entry.request is not None:
             json.dumps(entry.request, ensure_ascii=False).encode("utf-8")  # storable
+
+
+# --- round three -------------------------------------------------------------------------------
+
+
+def test_a_job_id_too_large_for_any_database_is_no_such_job(tmp_path, db_path, tiny_model):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    run_cli("submit", str(path), "--model", str(tiny_model), db_path=db_path, check=True)
+    huge = "99999999999999999999999"
+    for args in (("export", huge), ("status", huge), ("cancel", huge), ("retry", huge),
+                 ("run", "--job", huge), ("plan", "--job", huge)):  # fmt: skip
+        done = run_cli(*args, db_path=db_path)
+        assert done.returncode == 5 and f"no job {huge}" in done.stderr, (args, done.stderr)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "-inf"])
+def test_stop_timeout_must_be_a_finite_number_of_seconds(db_path, value):
+    done = run_cli("run", "--until-empty", "--stop-timeout", value, db_path=db_path)
+    assert done.returncode == 2 and "--stop-timeout" in done.stderr
+    env = run_cli("run", "--until-empty", db_path=db_path, env={"EXECUTOR_STOP_TIMEOUT": value})
+    assert env.returncode == 2 and "EXECUTOR_STOP_TIMEOUT" in env.stderr
+
+
+def test_a_bad_ubatch_names_the_flag_the_user_typed(db_path):
+    done = run_cli("run", "--until-empty", "--ubatch", "0", db_path=db_path)
+    assert done.returncode == 2 and "--ubatch: must be at least 32" in done.stderr
+    assert "--n-ubatch" not in done.stderr
+
+
+def test_a_yaml_key_given_twice_is_refused_with_its_line(tmp_path, db_path, tiny_model):
+    config = tmp_path / "config.yaml"
+    config.write_text("ctx: 512\nparallel: 2\nctx: 1024\n")
+    done = run_cli("config", "show", "--config", str(config))
+    assert done.returncode == 2
+    assert f"{config}:3: key 'ctx' is given twice (first on line 1)" in done.stderr
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"input: in.jsonl\nmodel: {tiny_model}\nnested:\n  a: 1\n  a: 2\n")
+    done = run_cli("submit", str(spec), db_path=db_path)
+    assert done.returncode == 2 and "key 'a' is given twice" in done.stderr
+
+
+@pytest.mark.parametrize("value", [":memory:", "file:q.db?mode=memory", "file:q.db"])
+def test_in_memory_and_uri_sqlite_databases_are_refused(tmp_path, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    done = run_cli_process("submit", str(path), env={"EXECUTOR_DB": value})
+    assert done.returncode == 2, done.stderr
+    assert "Warning" not in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "xdg"]
+
+
+def test_a_job_name_cannot_drive_the_terminal(tmp_path, db_path, tiny_model):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    name = "nightly\x1b[2J\x1b]0;owned\x07\rfake"
+    run_cli("submit", str(path), "--model", str(tiny_model), "--name", name, db_path=db_path,
+            check=True)  # fmt: skip
+    table = run_cli("status", db_path=db_path, check=True).stdout
+    assert "\x1b" not in table and "\x07" not in table and "\r" not in table
+    assert "nightly\\x1b[2J" in table
+    ran = run_cli_process("run", "--until-empty", db_path=db_path, env=FAKE)
+    assert "\x1b" not in ran.stderr and "\r" not in ran.stderr
+
+
+def test_results_never_overwrite_the_job_input(tmp_path, db_path, tiny_model):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    before = path.read_bytes()
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"input: in.jsonl\nmodel: {tiny_model}\noutput: ./in.jsonl\n")
+    done = run_cli("run-job", str(spec), db_path=db_path, env=FAKE)
+    assert done.returncode == 2 and "is the job's input file" in done.stderr
+    run_cli("submit", str(path), "--model", str(tiny_model), db_path=db_path, check=True)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(path)
+    for target in (str(path), str(link)):
+        done = run_cli("export", "1", "-o", target, db_path=db_path)
+        assert done.returncode == 2 and "is job 1's input file" in done.stderr
+    assert path.read_bytes() == before
+
+
+def test_folders_made_for_results_are_private_whatever_the_umask(tmp_path, db_path, tiny_model):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    run_cli("submit", str(path), "--model", str(tiny_model), db_path=db_path, check=True)
+    out = tmp_path / "a" / "b" / "out.jsonl"
+    old = os.umask(0)
+    try:
+        run_cli("export", "1", "-o", str(out), db_path=db_path, check=True)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600

@@ -159,7 +159,7 @@ def test_when_even_the_cpu_cannot_load_the_job_fails_with_the_reason(tmp_path, d
         EXECUTOR_FAULT_OOM_LOAD_ABOVE="-1", EXECUTOR_SHRINK_STEP="0.5", EXECUTOR_PARALLEL="1"
     )
     run = run_cli("run", "--until-empty", db_path=db_path, env=env)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 6 and "failed as a whole" in run.stderr, run.stderr
     rows = load_rows(db_path)
     assert [layers for layers, _ in rows] == [30, 15, 7, 3, 1, 0]
     assert {outcome for _, outcome in rows} == {"oom"}

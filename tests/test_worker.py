@@ -201,7 +201,8 @@ def test_unloadable_model_fails_the_job_with_the_reason(tmp_path, db_path, tiny_
     job = submit_rows(tmp_path, db_path, tiny_model, prompts(2))
     os.truncate(tiny_model, 0)  # the file is damaged after submit
     run = run_cli("run", "--until-empty", db_path=db_path, env=FAKE)
-    assert run.returncode == 0
+    assert run.returncode == 6 and "job 1 failed as a whole" in run.stderr
+    assert str(tiny_model) in run.stderr and "0 done, 2 failed" in run.stderr
     status = run_cli("status", str(job), "--json", db_path=db_path, check=True).stdout
     assert '"status": "failed"' in status and "is not a GGUF file" in status
 

@@ -18,6 +18,7 @@ from executor.cli.app import (
     run_events,
     say,
     settings_for,
+    show,
 )
 from executor.cli.options import (
     ConfigOpt,
@@ -40,7 +41,7 @@ def db_revision(db: DbOpt = None, config: ConfigOpt = None) -> None:
     from executor.store.db import revisions
 
     current, head = revisions(settings_for(config, db=db).db_url)
-    typer.echo(f"database {current or '(blank)'}, code {head}")
+    show(f"database {current or '(blank)'}, code {head}")
 
 
 @command()
@@ -63,9 +64,9 @@ def model(
     if as_json:
         print_json(info)
         return
-    typer.echo(f"{info['path']}\n  size   {info['size']:,} bytes\n  sha256 {info['sha256']}")
+    show(f"{info['path']}\n  size   {info['size']:,} bytes\n  sha256 {info['sha256']}")
     if info["default_model"]:
-        typer.echo(f"  the default model ({DEFAULT_MODEL.name}); hash verified")
+        show(f"  the default model ({DEFAULT_MODEL.name}); hash verified")
 
 
 @command()
@@ -128,7 +129,7 @@ def config_show(
             }
         )
         return
-    typer.echo(render.format_settings(settings, values, {k: o.help for k, o in OPTIONS.items()}))
+    show(render.format_settings(settings, values, {k: o.help for k, o in OPTIONS.items()}))
 
 
 @command()
@@ -147,7 +148,7 @@ def doctor(
     if as_json:
         print_json([c.__dict__ for c in checks])
     else:
-        typer.echo(render.format_checks(checks))
+        show(render.format_checks(checks))
     failed = [c.name for c in checks if c.state == "FAIL"]
     if failed:
         raise ChecksFailedError(f"{len(failed)} check(s) failed: {', '.join(failed)}")
@@ -156,4 +157,4 @@ def doctor(
 @command()
 def version() -> None:
     """Print the version."""
-    typer.echo(__version__)
+    show(__version__)

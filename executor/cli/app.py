@@ -18,7 +18,7 @@ import typer
 from executor.cli.logs import setup_logging
 from executor.config import Settings, load_settings
 from executor.errors import DiskError, ExecutorError, ExitCode, InputError
-from executor.redact import redact
+from executor.redact import printable, redact
 from executor.store import Database, open_database
 
 app = typer.Typer(
@@ -83,9 +83,9 @@ def _report(exc: ExecutorError) -> None:
     if isinstance(exc, InputError):
         for problem in exc.problems:
             say(problem)
-    say(redact(f"executor: error: {exc}"))
+    say(f"executor: error: {exc}")
     if exc.hint:
-        say(redact(f"  hint: {exc.hint}"))
+        say(f"  hint: {exc.hint}")
 
 
 def settings_for(config: str | None, **flags: Any) -> Settings:
@@ -109,16 +109,22 @@ def open_existing(settings: Settings) -> Database | None:
 
 
 def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
+    show(json.dumps(data, indent=2, default=str))
+
+
+def show(text: object) -> None:
+    """What a command prints on stdout (tables, ids, data), with secrets masked."""
+    typer.echo(redact(str(text)))
 
 
 def say(message: str) -> None:
-    """Human-facing messages go to stderr, so stdout stays clean for ids and data."""
-    typer.echo(message, err=True)
+    """Human-facing messages go to stderr, so stdout stays clean for ids and data; secrets
+    masked and control characters shown as escapes."""
+    typer.echo(printable(redact(message), lines=True), err=True)
 
 
 def warn(message: str) -> None:
-    typer.echo(f"WARNING: {message}", err=True)
+    say(f"WARNING: {message}")
 
 
 def run_events(settings: Settings) -> Any:
@@ -140,6 +146,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("EXECUTOR_DEBUG") == "1":
             raise
-        say(redact(f"executor: internal error: {type(exc).__name__}: {exc}"))
+        say(f"executor: internal error: {type(exc).__name__}: {exc}")
         say("  hint: rerun with EXECUTOR_DEBUG=1 for the traceback, and report it")
         sys.exit(ExitCode.INTERNAL)

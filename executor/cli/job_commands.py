@@ -16,6 +16,7 @@ from executor.cli.app import (
     run_events,
     say,
     settings_for,
+    show,
 )
 from executor.cli.options import (
     AllowCpuOpt,
@@ -141,7 +142,7 @@ def submit(
             f"job {result.job_id} already has this file with this model and these parameters;"
             " not queued again (--force to queue anew)"
         )
-    typer.echo(result.job_id)
+    show(result.job_id)
 
 
 def _size_flag(value: str | None, flag: str) -> int | None:
@@ -174,7 +175,7 @@ def status(
     if as_json:
         print_json(rows if job is None else rows[0])
     else:
-        typer.echo(render.format_jobs(rows))
+        show(render.format_jobs(rows))
 
 
 @command()

@@ -8,8 +8,11 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from executor.redact import printable, redact
+
 # Extra fields a log call may carry (logging's `extra=`); JSON lines include them as keys.
-FIELDS = ("job", "item", "done", "total", "failed", "tokens_per_s", "eta_s", "layers", "cause")
+FIELDS = ("job", "item", "done", "total", "in_flight", "failed", "tokens", "tokens_per_s", "eta_s",
+          "layers", "cause")  # fmt: skip
 
 
 class PlainFormatter(logging.Formatter):
@@ -17,9 +20,12 @@ class PlainFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        text = f"{stamp} {record.levelname} {record.getMessage()}"
+        # Secrets masked; a job's name or a file's never moves the cursor (its control
+        # characters are shown as escapes); a message meant to span lines still does.
+        message = printable(redact(record.getMessage()), lines=True)
+        text = f"{stamp} {record.levelname} {message}"
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            text += "\n" + redact(self.formatException(record.exc_info))
         return text
 
 
@@ -31,13 +37,13 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         for key in FIELDS:
             if hasattr(record, key):
                 data[key] = getattr(record, key)
         if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
+            data["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(data, default=str)
 
 

@@ -7,7 +7,8 @@ import logging
 import time
 
 from executor.cli.logs import StatusLine
-from executor.run.worker import JobCounts
+from executor.redact import printable
+from executor.run.events import JobCounts
 from executor.units import format_duration
 
 log = logging.getLogger("executor.cli.progress")
@@ -77,6 +78,7 @@ def bar(job: JobCounts, width: int = 24) -> str:
     filled = int(fraction * width)
     failed = f", {job.failed} failed" if job.failed else ""
     return (
-        f"{job.label} {'█' * filled}{'░' * (width - filled)} {job.done}/{job.total}{failed}  "
+        f"{printable(job.label)} {'█' * filled}{'░' * (width - filled)} "
+        f"{job.done}/{job.total}{failed}  "
         f"{job.tokens_per_s:.1f} tok/s  ETA {format_duration(job.eta_s)}"
     )

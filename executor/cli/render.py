@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from executor.planning.plan import describe
+from executor.redact import printable
 from executor.units import format_bytes, format_duration
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def format_jobs(rows: list[dict[str, Any]]) -> str:
         table.append(
             (
                 str(r["id"]),
-                (r["name"] or "-")[:24],
+                printable(r["name"] or "-")[:24],
                 r["status"],
                 str(c["queued"]),
                 str(c["running"]),
@@ -69,7 +70,7 @@ def format_jobs(rows: list[dict[str, Any]]) -> str:
         ).rstrip()
         for row in table
     ]
-    errors = [f"job {r['id']}: {r['error']}" for r in rows if r["error"]]
+    errors = [f"job {r['id']}: {printable(r['error'])}" for r in rows if r["error"]]
     return "\n".join(lines + errors)
 
 
@@ -91,7 +92,7 @@ def format_plan(report: PlanReport) -> str:
     kind = f"MoE, {m.n_expert} experts, {m.n_expert_used} used" if m.moe else "dense"
     window = f", sliding window {m.n_swa}" if m.n_swa else ""
     lines = [
-        f"model     {Path(m.path).name}  ({m.architecture}, {m.n_layer} blocks, {kind}"
+        f"model     {printable(Path(m.path).name)}  ({m.architecture}, {m.n_layer} blocks, {kind}"
         f"{window}, {m.quantization or '?'}, {format_bytes(m.file_size)})",
     ]
     if report.offload_warning:
@@ -196,9 +197,11 @@ def format_workers(rows: list[dict[str, Any]]) -> str:
         state = "live" if r["alive"] else ("stopped" if r["stopped_at"] else "dead")
         gpu = f"{r['gpu_name'] or 'cpu'} {r['gpu_uuid'][:12] if r['gpu_uuid'] != 'cpu' else ''}"
         lines.append(
-            f"{state:8} {r['host'][:16]:16} {gpu.strip()[:28]:28} {r['job_id'] or '-':>5} "
+            f"{state:8} {printable(r['host'])[:16]:16} {printable(gpu.strip())[:28]:28} "
+            f"{r['job_id'] or '-':>5} "
             f"{r['tokens_per_s'] if r['tokens_per_s'] is not None else '-':>7} "
-            f"{r['heartbeat_age_s']:>7.0f}s  {Path(r['model']).name if r['model'] else '-'}"
+            f"{r['heartbeat_age_s']:>7.0f}s  "
+            f"{printable(Path(r['model']).name) if r['model'] else '-'}"
         )
     return "\n".join(lines)
 
@@ -226,7 +229,8 @@ def export_note(result: Exported, output: str | None, errors: str | None) -> str
 
 def run_note(summary: RunSummary, elapsed: float) -> str:
     """`run finished: 12 done, 0 failed, 1532 tokens in 24.1s`"""
+    whole = f" ({len(summary.failed_jobs)} job(s) failed as a whole)" if summary.failed_jobs else ""
     return (
         f"run {'stopped' if summary.stopped_by_signal else 'finished'}: {summary.done} done, "
-        f"{summary.failed} failed, {summary.completion_tokens} tokens in {elapsed:.1f}s"
+        f"{summary.failed} failed{whole}, {summary.completion_tokens} tokens in {elapsed:.1f}s"
     )

@@ -17,10 +17,12 @@ from executor.cli.app import (
     run_events,
     say,
     settings_for,
+    show,
     warn,
 )
 from executor.cli.options import ConfigOpt, DbOpt, JsonOpt, LogFormatOpt, with_load_flags
 from executor.config import Settings
+from executor.errors import JobFailedError
 from executor.redact import redact
 
 
@@ -46,8 +48,13 @@ def run(
         ),
     ] = None,
     stop_timeout: Annotated[
-        float, typer.Option(help="On SIGTERM/Ctrl-C: seconds to let the item in flight finish.")
-    ] = 30.0,
+        str | None,
+        typer.Option(
+            help="On SIGTERM/Ctrl-C: seconds the items in flight may take to finish. "
+            "[env EXECUTOR_STOP_TIMEOUT; default 30]",
+            show_default=False,
+        ),
+    ] = None,
     engine: Annotated[
         str | None,
         typer.Option(
@@ -66,14 +73,23 @@ def run(
     The model runs in a child process: if it crashes, the items it was working on go back to
     the queue. Only one `executor run` works on a database at a time; a second one exits at
     once with code 3. SIGTERM or Ctrl-C stops gracefully (a second one stops at once); the
-    exit code is then 0 and nothing is lost.
+    exit code is then 0 and nothing is lost. A model that cannot fit this machine as
+    configured (RAM) stops the worker with code 8 before anything is claimed, its items
+    left queued; with --until-empty or --job, a job whose model would not load at all (a
+    truncated file) ends the run with code 6, naming it.
     """
     from executor.planning.gather import build_can_offload, check_offload
     from executor.run.worker import RunOptions, run_worker
     from executor.store import queue
 
     settings = settings_for(
-        config, db=db, batch_size=batch_size, engine=engine, log_format=log_format, **load
+        config,
+        db=db,
+        batch_size=batch_size,
+        engine=engine,
+        log_format=log_format,
+        stop_timeout=stop_timeout,
+        **(load or {}),
     )
     # --gpu-layers on a build that cannot offload: refused before anything is claimed.
     check_offload(settings, None, build_can_offload)
@@ -82,7 +98,7 @@ def run(
     if job is not None:
         queue.require_job(database, job)
     options = RunOptions(
-        until_empty=until_empty, job_id=job, max_items=max_items, stop_timeout=stop_timeout
+        until_empty=until_empty, job_id=job, max_items=max_items, stop_timeout=settings.stop_timeout
     )
     started = time.monotonic()
     summary = run_worker(settings, database, options, events)
@@ -91,6 +107,11 @@ def run(
         print_json({**summary.__dict__, "elapsed_s": round(elapsed, 3)})
     else:
         say(render.run_note(summary, elapsed))
+    if summary.failed_jobs and (until_empty or job is not None):
+        # A service worker goes on after a job that cannot run; a draining one says so.
+        raise JobFailedError(
+            "; ".join(f"job {j} failed as a whole: {why}" for j, why in summary.failed_jobs.items())
+        )
 
 
 @command()
@@ -178,11 +199,11 @@ def plan(
     if planned.offload_warning:
         warn(planned.offload_warning)
     if llama_args:
-        typer.echo(llama_args_line(planned.plan, planned.threads))
+        show(llama_args_line(planned.plan, planned.threads))
     elif as_json:
         print_json(planned.as_dict())
     else:
-        typer.echo(render.format_plan(planned))
+        show(render.format_plan(planned))
     if not planned.plan.ram_ok and not settings.allow_swap:
         raise WouldSwapError(
             "the RAM part does not fit in RAM: a run would swap and be extremely slow",
@@ -225,4 +246,4 @@ def workers(
     if as_json:
         print_json(rows)
     else:
-        typer.echo(render.format_workers(rows))
+        show(render.format_workers(rows))

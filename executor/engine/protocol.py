@@ -33,6 +33,9 @@ class LoadSpec:
     n_ctx: int  # tokens per sequence
     n_gpu_layers: int
     n_threads: int | None = None
+    # threads: auto: step the threads down while other processes hold some of our cores,
+    # and back up when they leave (machine.cpus.CpuWatch)
+    adapt_threads: bool = False
     seed: int = 0
     parallel: int = 1  # sequences; with measure_parallel, the most the engine may pick
     n_batch: int = 512

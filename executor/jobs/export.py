@@ -54,6 +54,17 @@ def export_job(
         )
     if errors and same_file(output, errors):
         raise UsageError(f"-o and --errors name the same file ({errors}); give two files")
+    for target, flag in ((output, "-o"), (errors, "--errors")):
+        if (
+            target not in (None, "-")
+            and job.input_path != "-"
+            and same_file(target, job.input_path)
+        ):
+            raise UsageError(
+                f"{flag} {target} is job {job_id}'s input file: writing the results there "
+                "would destroy its prompts",
+                hint="give the results a file of their own",
+            )
     with_failed = include_failed or fmt == "openai"
     statuses = [ItemStatus.DONE, *(NOT_DONE if with_failed else ())]
     job_energy = _job_energy(db, job) if with_provenance else None

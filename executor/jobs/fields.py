@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from executor.params import INTEGER_PARAMS, PARAM_BOUNDS
+from executor.schemas import unsatisfiable
 
 ROLES = ("system", "user", "assistant")
 PARAM_KEYS = (
@@ -43,10 +44,15 @@ def check_custom_id(value: Any) -> str:
 
 
 def json_schema(value: Any) -> dict[str, Any]:
-    """A JSON schema (an object); whether llama.cpp can turn it into a grammar is checked
-    when the item runs, and an item whose schema cannot be converted fails with the reason."""
+    """A JSON schema (an object) that some output can meet (schemas.py says what is seen
+    before generating); whether llama.cpp can turn it into a grammar is checked when the
+    item runs, and an item whose schema cannot be converted fails with the reason."""
     if not isinstance(value, dict):
         raise LineError(f"json_schema must be an object, got {kind_of(value)}")
+    problem = unsatisfiable(value)
+    if problem:
+        joint = "" if problem.startswith((".", "[", " ")) else " "
+        raise LineError(f"json_schema{joint}{problem}")
     return value
 
 

@@ -23,7 +23,14 @@ from executor.config import OPTIONS, Settings, load_settings
 from executor.errors import ConfigError
 from executor.jobs.export import FORMATS
 from executor.params import JOB_PARAMS
-from executor.paths import JSONError, check_writable, load_yaml, parse_json, read_text
+from executor.paths import (
+    JSONError,
+    check_writable,
+    load_yaml,
+    parse_json,
+    read_text,
+    same_file,
+)
 from executor.planning.job_settings import LOAD_KEYS
 from executor.units import parse_size
 
@@ -121,10 +128,18 @@ def read_spec(path: str | Path) -> JobSpec:
             check_writable(target, where(key))
     if output is not None and output == errors:
         raise ConfigError(f"{path}: output and errors name the same file; give two")
+    source = _path(base, data["input"], where("input"))
+    for target, key in ((output, "output"), (errors, "errors")):
+        if target is not None and same_file(str(target), str(source)):
+            raise ConfigError(
+                f"{where(key)}: {target} is the job's input file: writing the results there "
+                "would destroy the prompts",
+                hint="give the results a file of their own",
+            )
     return JobSpec(
         path=path,
         name=_text(data.get("name", path.stem), where("name")),
-        input=_path(base, data["input"], where("input")),
+        input=source,
         model=_text(data["model"], where("model")) if "model" in data else None,
         settings=settings,
         json_schema=read_schema(base, data.get("json_schema"), where("json_schema")),

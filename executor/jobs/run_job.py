@@ -12,7 +12,8 @@ from executor.jobs.export import Exported, export_job
 from executor.jobs.jobspec import JobSpec, read_spec, spec_settings
 from executor.jobs.submit import Submitted, submit
 from executor.planning.gather import build_can_offload, check_offload
-from executor.run.worker import RunEvents, RunOptions, RunSummary, run_worker
+from executor.run.events import RunEvents
+from executor.run.worker import RunOptions, RunSummary, run_worker
 from executor.store import Database, open_database, queue
 from executor.store.queue import Job
 
@@ -76,7 +77,10 @@ def run_spec(
         extra={"job": submitted.job_id},
     )
     summary = run_worker(
-        settings, db, RunOptions(until_empty=True, job_id=submitted.job_id), events
+        settings,
+        db,
+        RunOptions(until_empty=True, job_id=submitted.job_id, stop_timeout=settings.stop_timeout),
+        events,
     )
     job = queue.require_job(db, submitted.job_id)
     exported = None

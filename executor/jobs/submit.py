@@ -13,6 +13,7 @@ from executor.config import Settings
 from executor.errors import InputError, UsageError
 from executor.gguf.models import resolve_model
 from executor.jobs.fields import LineError, ModelResolver, bound_schema
+from executor.jobs.fields import json_schema as checked_schema
 from executor.jobs.inputs import PromptFile, format_problems
 from executor.outcomes import FailCode
 from executor.store import Database, queue
@@ -65,7 +66,7 @@ def submit(
         )
     if json_schema is not None:
         try:
-            json_schema = bound_schema(json_schema, settings.max_tokens)
+            json_schema = bound_schema(checked_schema(json_schema), settings.max_tokens)
         except LineError as exc:
             raise UsageError(f"--json-schema: {str(exc).removeprefix('json_schema')}") from None
     prompts = PromptFile(

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -145,3 +147,94 @@ def threads_for(setting: int | str | None) -> tuple[int, str]:
         return setting, "set by --threads / EXECUTOR_THREADS / config"
     count = cpu_count()
     return count.threads, count.reason
+
+
+class CpuWatch:
+    """How many of this process's cores others leave it, sampled as it runs.
+
+    llama.cpp's threads spin at a barrier after every operation of a step: if another process
+    holds one of their cores, each barrier waits for a scheduler time slice, and a step that
+    took 10 ms takes hundreds (measured in benchmarks/threads.py: 2 threads on 2 cores beside
+    one busy process ran many times slower than 1 thread). So the model process samples, every
+    `every` seconds, the CPU time of the CPUs it may run on (/proc/stat) minus its own and its
+    parent worker's (/proc/PID/stat): what other processes use. The threads it should have
+    are the cores left, rounded: at start from what others used while the model loaded, then
+    a change only when two samples in a row agree (no flapping); back up when the neighbour
+    leaves.
+    """
+
+    def __init__(
+        self, most: int, every: float = 0.5, proc_root: Path = Path("/proc"), clock: Any = None
+    ) -> None:
+        self.most = most
+        self.every = every
+        self.proc_root = proc_root
+        self.clock = clock or time.monotonic
+        self.cpus = sorted(_affinity())
+        self.threads = most
+        self._last = self._sample()
+        self._wanted: int | None = None
+
+    def start(self) -> int:
+        """The threads to start with, from what others used since this watch was made (the
+        model's load): no second sample is waited for, nothing was running yet to flap."""
+        wanted = self._wanted_now()
+        if wanted is not None:
+            self.threads = wanted
+        return self.threads
+
+    def poll(self) -> int | None:
+        """The new thread count when it should change now, else None (cheap to call often)."""
+        if self.clock() - self._last[0] < self.every:
+            return None
+        wanted = self._wanted_now()
+        if wanted is None or wanted == self.threads:
+            self._wanted = None
+            return None
+        if self._wanted != wanted:  # seen once: wait for a second sample to agree
+            self._wanted = wanted
+            return None
+        self.threads, self._wanted = wanted, None
+        return wanted
+
+    def _wanted_now(self) -> int | None:
+        """The cores other processes left us since the last sample, as a thread count."""
+        sample = self._sample()
+        last, self._last = self._last, sample
+        if sample[1] is None or last[1] is None:
+            return None
+        wall = sample[0] - last[0]
+        busy = (sample[1] - last[1]) / TICKS  # CPU-seconds on our CPUs, everyone's
+        ours = (sample[2] - last[2]) / TICKS  # CPU-seconds of this process
+        others = max(busy - ours, 0.0) / max(wall, 1e-6)  # cores other processes held
+        return max(1, min(self.most, round(len(self.cpus) - others)))
+
+    def _sample(self) -> tuple[float, int | None, int]:
+        """(now, busy ticks of our CPUs, this process's ticks)."""
+        now = self.clock()
+        busy = None
+        try:
+            wanted = {f"cpu{c}" for c in self.cpus}
+            busy = 0
+            for line in (self.proc_root / "stat").read_text().splitlines():
+                name, _, rest = line.partition(" ")
+                if name in wanted:
+                    v = [int(x) for x in rest.split()]
+                    busy += sum(v[:8]) - v[3] - v[4]  # everything but idle and iowait
+            ours = sum(self._ticks(p) for p in ("self", str(os.getppid())))
+        except (OSError, ValueError, IndexError):
+            return now, None, 0
+        return now, busy, ours
+
+    def _ticks(self, pid: str) -> int:
+        """utime + stime of every thread of a process; 0 when it cannot be read (the
+        worker that started this process counts as ours: it plans while the model loads)."""
+        try:
+            stat = (self.proc_root / pid / "stat").read_text()
+        except OSError:
+            return 0
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return int(fields[11]) + int(fields[12])
+
+
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

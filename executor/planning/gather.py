@@ -454,6 +454,7 @@ def load_spec(
         n_ctx=req.n_ctx,
         n_gpu_layers=plan.n_gpu_layers,
         n_threads=threads_for(settings.threads)[0],
+        adapt_threads=settings.threads == "auto",
         seed=settings.seed,
         parallel=req.parallel,
         n_batch=max(settings.n_batch, plan.n_ubatch),

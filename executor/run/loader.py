@@ -34,7 +34,7 @@ from tenacity import (
 from executor.config import Settings
 from executor.engine import decode_rates
 from executor.engine.faults import Faults
-from executor.errors import ModelError
+from executor.errors import ModelError, WouldSwapError
 from executor.gguf.info import ModelInfo
 from executor.gguf.models import check_default_hash, check_gguf, model_sha256
 from executor.machine import gpu
@@ -186,10 +186,15 @@ class ModelLoader:
         if report.offload_warning:
             log.warning("%s", report.offload_warning)
         if not plan.ram_ok and not settings.allow_swap:
-            raise ModelError(
-                f"{plan.notes[-1]}; refusing to load",
-                hint="less in RAM (a larger --vram-cap), a smaller --ctx, or --allow-swap "
-                "to run anyway; then `executor retry JOB`",
+            origins = ", ".join(
+                f"{k} {getattr(settings, k)} ({v})"
+                for k, v in report.origins().items()
+                if k in ("ctx", "parallel", "vram_cap") and v != "default"
+            )
+            raise WouldSwapError(
+                f"{plan.notes[-1]}" + (f" with {origins}" if origins else ""),
+                hint="less in RAM: a larger --vram-cap, a smaller --ctx or --parallel, or "
+                "--allow-swap to run anyway",
             )
         for note in (report.context_note, report.parallel_note, report.ubatch_note, *plan.notes):
             if note:

@@ -17,18 +17,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from executor.config import Settings, xdg_dir
 from executor.engine.protocol import BatchDone, ItemDone, ItemFailed, ItemStarted, Progress
-from executor.errors import ModelError, UnstorableResult
+from executor.errors import DatabaseGone, ModelError, UnstorableResult, WouldSwapError
 from executor.machine import energy, gpu
 from executor.outcomes import FailCode
 from executor.params import GenerationRequest
 from executor.planning.job_settings import job_load
 from executor.planning.workload import context_for, job_context_need
+from executor.run.events import JobCounts, NoEvents, RunEvents
 from executor.run.loader import Loaded, ModelLoader
 from executor.run.supervisor import Died, Tick
+from executor.schemas import output_problem
 from executor.store import Database, queue, results
 from executor.store import workers as registry
 from executor.store.locks import worker_lock
@@ -51,82 +53,11 @@ class RunOptions:
 @dataclass
 class RunSummary:
     done: int = 0
-    failed: int = 0
+    failed: int = 0  # items, those of jobs that failed as a whole included
     completion_tokens: int = 0
     released: int = 0
     stopped_by_signal: bool = False
-
-
-@dataclass
-class JobCounts:
-    """The job a worker is on: its items so far, and this run's pace on it, counted in
-    tokens as they are generated (a wave of 60 sequences finishes nothing for a while)."""
-
-    job_id: int
-    label: str
-    total: int
-    done: int  # finished items, those of earlier runs included
-    failed: int = 0  # failed in this run
-    items: int = 0  # finished in this run
-    tokens: int = 0  # completion tokens of this run's finished items
-    live_tokens: int = 0  # tokens generated so far by the items in flight
-    live_items: float = 0.0  # the items in flight, each counted as generated / max_tokens
-    started: float = field(default_factory=time.monotonic)
-
-    def add(self, tokens: int, *, failed: bool = False) -> None:
-        self.done += 1
-        self.items += 1
-        self.failed += int(failed)
-        self.tokens += tokens
-
-    @property
-    def all_tokens(self) -> int:
-        """Completion tokens this run has generated on the job, in flight included."""
-        return self.tokens + self.live_tokens
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.all_tokens / max(time.monotonic() - self.started, 1e-9)
-
-    @property
-    def eta_s(self) -> float | None:
-        """Seconds left at this run's pace: items finished plus the fractions of those in
-        flight against their budgets; None before anything has been generated."""
-        progress = self.items + self.live_items
-        if progress <= 0:
-            return None
-        left = max(self.total - self.done - self.live_items, 0.0)
-        return left * (time.monotonic() - self.started) / progress
-
-
-class RunEvents(Protocol):
-    """What a run reports as it goes (the CLI draws a bar or writes log lines from it)."""
-
-    def job_started(self, job: JobCounts) -> None: ...
-
-    def item_finished(self, job: JobCounts) -> None: ...
-
-    def tick(self, job: JobCounts | None) -> None:
-        """Nothing finished for a while (a second or so)."""
-        ...
-
-    def job_ended(self, job: JobCounts) -> None: ...
-
-
-class NoEvents:
-    """RunEvents that show nothing."""
-
-    def job_started(self, job: JobCounts) -> None:
-        pass
-
-    def item_finished(self, job: JobCounts) -> None:
-        pass
-
-    def tick(self, job: JobCounts | None) -> None:
-        pass
-
-    def job_ended(self, job: JobCounts) -> None:
-        pass
+    failed_jobs: dict[int, str] = field(default_factory=dict)  # job → why it failed whole
 
 
 def engine_log_path(db: Database) -> Path:
@@ -192,10 +123,15 @@ class Worker:
             )
             try:
                 self._loop()
+            except DatabaseGone:
+                self._kill()  # nothing more is written: the database is not ours any more
+                raise
             finally:
-                self._end_job()
-                self._unload()
-                registry.stopped(self.db, self.id)
+                if not self.db.gone:
+                    self._end_job()
+                    self._unload()
+                    registry.stopped(self.db, self.id)
+            self.db.check_file()  # before reporting work a replaced file no longer holds
         self.summary.stopped_by_signal = self.stopping
         return self.summary
 
@@ -259,7 +195,8 @@ class Worker:
                     self._live.clear()
                     self._budgets.clear()
                     self._count_live()
-                    self._add_energy(job, before)
+                    if not self.db.gone:
+                        self._add_energy(job, before)
 
     def _add_energy(self, job: Job, before: int | None) -> None:
         """What the device used during one batch goes to the job (a batch is one job's)."""
@@ -297,6 +234,13 @@ class Worker:
             if isinstance(event, ItemStarted):
                 in_flight.add(event.item_id)
             elif isinstance(event, ItemDone):
+                schema = params[event.item_id].get("json_schema")
+                problem = output_problem(event.record.output, schema) if schema else None
+                if problem:  # the grammar does not carry every keyword (schemas.py)
+                    self._item_failed(
+                        job, event.item_id, problem, pending, in_flight, FailCode.SCHEMA_NOT_MET
+                    )
+                    continue
                 try:
                     recorded = queue.complete(
                         self.db,
@@ -383,6 +327,7 @@ class Worker:
         clock = time.monotonic()
         if now or clock - self._beat_at >= min(BEAT_SECONDS, self.settings.lease_seconds / 3):
             self._beat_at = clock
+            self.db.check_file()  # deleted or replaced under us: stop before writing more
             counts = self.counts
             registry.heartbeat(
                 self.db,
@@ -494,12 +439,21 @@ class Worker:
             self._unload()
             self.loaded = self.loader.load(job.model, job)
             self._housekeeping(now=True)  # the registry shows the model from now on
+        except WouldSwapError as exc:
+            # This machine cannot hold the load as configured (its flags, its RAM): the
+            # worker's problem, not the job's. Nothing is claimed; the items stay queued
+            # for a worker that can, and this one stops (exit 8).
+            raise WouldSwapError(
+                f"job {job.id}'s model does not fit this worker: {exc}; its items stay queued",
+                hint=exc.hint,
+            ) from None
         except ModelError as exc:
             if self.stopping:
                 return False
             reason = str(exc) + (f" ({exc.hint})" if exc.hint else "")
             log.error("job %s: %s", job.id, reason, extra={"job": job.id, "cause": "load"})
-            queue.fail_job(self.db, job.id, reason)
+            self.summary.failed += queue.fail_job(self.db, job.id, reason)
+            self.summary.failed_jobs[job.id] = reason
             return False
         return True
 

@@ -18,9 +18,16 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from executor.errors import DatabaseError, NoDatabaseError, UsageError
+from executor.errors import (
+    DatabaseError,
+    DatabaseGone,
+    DiskError,
+    ExecutorError,
+    NoDatabaseError,
+    UsageError,
+)
 from executor.paths import PRIVATE_FILE, private_dir
-from executor.redact import redact
+from executor.redact import mask_url, redact
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -48,12 +55,36 @@ class Database:
                     hint="check --db / EXECUTOR_DB; `executor submit` creates one",
                 )
             _create_private(path)
+        # The file this database is (device, inode): a path that later names another file,
+        # or none, means everything written from then on would be lost (check_file).
+        self._identity = _identity(path) if path is not None else None
+        self.gone: str | None = None
         self.engine = _create_engine(self.url)
+
+    def check_file(self) -> None:
+        """DatabaseGone if the SQLite file this was opened on is no longer at its path (it
+        was deleted, or another file was moved there): nothing may be written after."""
+        path = self.sqlite_path
+        if self._identity is None or path is None or self.gone:
+            return
+        try:
+            now = _identity(path)
+        except FileNotFoundError:
+            now = None
+        if now == self._identity:
+            return
+        what = "was deleted" if now is None else "was replaced by another file"
+        self.gone = f"the database {path} {what} while this process used it"
+        raise DatabaseGone(
+            self.gone,
+            hint="everything since is lost with the old file; put the database back and run "
+            "again (the work it holds resumes where it stopped)",
+        )
 
     @property
     def display_url(self) -> str:
         """The URL with its password masked, for messages."""
-        return redact(self.url.render_as_string(hide_password=False))
+        return redact(self.url.render_as_string(hide_password=True))
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -77,16 +108,15 @@ class Database:
     @contextmanager
     def errors(self) -> Iterator[None]:
         """SQLAlchemy's errors as one-line DatabaseErrors (no SQL, no parameters)."""
+        if self.gone:
+            raise DatabaseGone(self.gone)
         try:
             yield
         except sa.exc.SQLAlchemyError as exc:
             raise database_error(exc, self) from None
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DatabaseError(
-                    f"{self.display_url}: no space left on the device",
-                    hint="free some space; nothing was lost",
-                ) from None
+            if exc.errno in (errno.ENOSPC, errno.EFBIG):
+                raise _disk_full(self.display_url, exc.strerror or str(exc)) from None
             raise
 
     @contextmanager
@@ -193,8 +223,22 @@ def open_database(url: str, *, upgrade: bool = True, create: bool = True) -> Dat
     return db
 
 
-def database_error(exc: Exception, db: Database | None = None) -> DatabaseError:
-    """One line for a SQLAlchemy error: what went wrong, where, and what to do."""
+def _identity(path: Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _disk_full(where: str, detail: str) -> DiskError:
+    return DiskError(
+        f"{where}: cannot write ({detail}): the disk is full, or a file size limit "
+        "(ulimit -f) was reached",
+        hint="free some space (or raise the limit) and run again; nothing was lost",
+    )
+
+
+def database_error(exc: Exception, db: Database | None = None) -> ExecutorError:
+    """One line for a SQLAlchemy error: what went wrong, where, and what to do. A full disk
+    is exit 10 like every full disk; everything else about the database is exit 7."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).splitlines()[0] if str(orig) else type(orig).__name__
     where = db.display_url if db is not None else "the database"
@@ -204,8 +248,8 @@ def database_error(exc: Exception, db: Database | None = None) -> DatabaseError:
             f"{where} is read-only ({text})",
             hint="give this user write access to the file and its folder",
         )
-    if "disk is full" in lower or "no space" in lower:
-        return DatabaseError(f"{where}: the disk is full", hint="free some space; nothing was lost")
+    if "disk is full" in lower or "no space" in lower or "disk i/o error" in lower:
+        return _disk_full(where, text)
     if "not a database" in lower or "malformed" in lower:
         return DatabaseError(
             f"{where} is not a SQLite database, or it is damaged ({text})",
@@ -224,7 +268,15 @@ def _checked_url(url: str) -> sa.URL:
     """A SQLite file or a PostgreSQL server; anything else is a usage error."""
     try:
         parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):
+        if "://" in url and "@" in url.split("://", 1)[1]:
+            raise UsageError(
+                f"the database URL {mask_url(url)!r} cannot be read (its password or user "
+                "name holds a character that ends a URL part: @ : / ? # or %)",
+                hint="percent-encode them in the URL: @ → %40, : → %3A, / → %2F, ? → %3F, "
+                "# → %23, % → %25, a space → %20 (python3 -c 'import urllib.parse, sys; "
+                'print(urllib.parse.quote(sys.argv[1], safe=""))\' PASSWORD)',
+            ) from None
         raise UsageError(
             f"not a database: {redact(url)!r}",
             hint="give a file path (SQLite) or postgresql+psycopg://user@host/name",
@@ -235,11 +287,28 @@ def _checked_url(url: str) -> sa.URL:
             f"unsupported database {redact(url)!r}: executor works with SQLite (a path) or "
             "PostgreSQL (postgresql+psycopg://…)"
         )
-    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+    database = parsed.database or ""
+    if backend == "sqlite" and (
+        database in ("", ":memory:")
+        or Path(database).name == ":memory:"  # EXECUTOR_DB=:memory: is a path to SQLite
+        or parsed.query.get("mode") == "memory"
+        or "mode=memory" in database
+    ):
         raise UsageError(
             "an in-memory SQLite database lives only as long as one command: queued jobs "
             "would vanish",
             hint="give a file path (the default is $XDG_DATA_HOME/executor/executor.db)",
+        )
+    if (
+        backend == "sqlite"
+        and Path(database).name.startswith("file:")
+        and (parsed.query.get("uri") != "true")
+    ):
+        raise UsageError(
+            f"{redact(url)!r} is a SQLite URI name given as a path: it would create a file "
+            "named like it",
+            hint="give a plain file path (e.g. ~/jobs/executor.db), or write the URI out: "
+            "sqlite:///file:PATH?mode=ro&uri=true",
         )
     if backend == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we ship

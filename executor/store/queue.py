@@ -153,7 +153,12 @@ def create_job(
     return _job(row), True
 
 
+MAX_ID = 2**63 - 1  # the largest id either database stores
+
+
 def get_job(db: Database, job_id: int) -> Job | None:
+    if not 0 < job_id <= MAX_ID:  # no such job; asking would overflow the driver
+        return None
     with db.read() as conn:
         row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
     return _job(row) if row else None
@@ -260,11 +265,12 @@ def retry_job(db: Database, job_id: int) -> int:
     return n
 
 
-def fail_job(db: Database, job_id: int, reason: str) -> None:
-    """The job cannot run at all (e.g. its model does not load): fail it and its open items."""
+def fail_job(db: Database, job_id: int, reason: str) -> int:
+    """The job cannot run at all (e.g. its model does not load): fail it and its open items.
+    Returns how many items it failed."""
     now = utcnow()
     with db.write() as conn:
-        conn.execute(
+        failed = conn.execute(
             sa.update(items)
             .where(items.c.job_id == job_id, items.c.status.in_(UNFINISHED))
             .values(
@@ -275,12 +281,13 @@ def fail_job(db: Database, job_id: int, reason: str) -> None:
                 lease_until=None,
                 updated_at=now,
             )
-        )
+        ).rowcount
         conn.execute(
             sa.update(jobs)
             .where(jobs.c.id == job_id)
             .values(status=JobStatus.FAILED, error=reason, finished_at=now)
         )
+    return failed
 
 
 # --- items: claim, heartbeat, checkpoint -------------------------------------------------------
