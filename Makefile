@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/claims.py
 	$(BIN)/python benchmarks/threads.py
+	$(BIN)/python benchmarks/estimate.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

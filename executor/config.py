@@ -13,7 +13,8 @@ from executor.errors import ConfigError
 from executor.params import INTEGER_PARAMS, JOB_PARAMS, KV_CACHE_TYPES, PARAM_BOUNDS
 from executor.paths import load_yaml, read_text
 from executor.redact import mask_url, remember
-from executor.units import parse_cap
+from executor.units import parse_cap, parse_size
+from executor.windows import Window
 
 
 def xdg_dir(kind: str) -> Path:
@@ -111,6 +112,15 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return parse(value)
 
     return wrapped
+
+
+def _window(value: Any) -> str:
+    """A time window ("22:00-07:00,12:30-13:30"), checked, kept as written."""
+    return Window.parse(_text(value)).text
+
+
+def _bytes(value: Any) -> int:
+    return parse_size(_text(value))
 
 
 def _bool(value: Any) -> bool:
@@ -238,6 +248,21 @@ OPTIONS: dict[str, Option] = {
     "stop_timeout": Option(
         _float(0), 30.0, "on SIGTERM/Ctrl-C: seconds the items in flight may take to finish"
     ),
+    "window": Option(
+        _optional(_window), None, "hours the worker may run, local time: 22:00-07:00[,…]"
+    ),
+    "yield_gpu": Option(
+        _bool, False, "step aside (unload) while another process starts using the GPU"
+    ),
+    "yield_gpu_min": Option(
+        _bytes, 512 * 2**20, "with yield_gpu: VRAM a new process must use to count (bytes)"
+    ),
+    "yield_gpu_quiet": Option(
+        _float(0), 120.0, "with yield_gpu: seconds the card must be free before resuming"
+    ),
+    "max_model_wait": Option(
+        _float(0), 7200.0, "seconds a job of another model waits before it beats the loaded one"
+    ),
     "log_format": Option(_choice("plain", "json"), "plain", "log lines: plain or json"),
     "max_tokens": Option(_param("max_tokens"), 256, "default completion length per prompt"),
     "max_line_bytes": Option(
@@ -281,6 +306,11 @@ class Settings:
     stall_seconds: float
     progress_seconds: float
     stop_timeout: float
+    window: str | None
+    yield_gpu: bool
+    yield_gpu_min: int
+    yield_gpu_quiet: float
+    max_model_wait: float
     log_format: str
     max_tokens: int
     max_line_bytes: int

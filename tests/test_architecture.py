@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "planning": {"core", "store", "machine", "engine", "gguf"},
     "run": {"core", "store", "machine", "engine", "gguf", "planning"},
     "jobs": {"core", "store", "machine", "gguf", "planning", "run"},
-    "serve": {"core", "store", "machine", "jobs"},
+    "serve": {"core", "store", "machine", "planning", "jobs"},
     "cli": {"core", "store", "machine", "engine", "gguf", "planning", "run", "jobs", "serve"},
 }
 PARTS = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}

@@ -12,7 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from executor.outcomes import ResultRecord
-from executor.store import Database, open_database, queue, results
+from executor.store import Database, open_database, queue, results, schedule
 from executor.store.db import HEAD_REVISION, head_revision
 from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus, JobStatus, items, metadata, utcnow
@@ -144,9 +144,9 @@ def test_reclaim_own_identity_and_min_vram(store: Database):
         min_vram=40 * 2**30,
         new_items=[NewItem(1, "1", {"prompt": "x"})],
     )
-    assert queue.next_job(store, job_id=big, vram=24 * 2**30) is None
-    assert queue.next_job(store, job_id=big, vram=None) is None
-    assert queue.next_job(store, job_id=big, vram=80 * 2**30).id == big
+    assert schedule.next_job(store, job_id=big, vram=24 * 2**30) is None
+    assert schedule.next_job(store, job_id=big, vram=None) is None
+    assert schedule.next_job(store, job_id=big, vram=80 * 2**30).id == big
 
 
 def test_expired_leases_are_reclaimed(store: Database):
@@ -172,10 +172,10 @@ def test_cancel_and_retry(store: Database):
     (a,) = queue.claim(store, job_id, limit=1, owner="w", lease_seconds=60)
     assert queue.cancel_job(store, job_id) == 3
     assert not queue.complete(store, a.id, owner="w", result=RESULT, model_sha256="s")
-    assert queue.next_job(store) is None
+    assert schedule.next_job(store) is None
     assert queue.retry_job(store, job_id) == 3
     assert queue.get_job(store, job_id).status == JobStatus.QUEUED
-    assert queue.next_job(store).id == job_id
+    assert schedule.next_job(store).id == job_id
 
 
 def test_invalid_items_count_as_finished_and_are_never_retried(store: Database):
@@ -197,9 +197,9 @@ def test_next_job_prefers_the_loaded_model(store: Database):
         fingerprint="b" * 64,
         new_items=[NewItem(1, "1", {"prompt": "x"})],
     )
-    assert queue.next_job(store).id == first
-    assert queue.next_job(store, prefer_model="/other.gguf").id == second
-    assert queue.next_job(store, job_id=first, prefer_model="/other.gguf").id == first
+    assert schedule.next_job(store).id == first
+    assert schedule.next_job(store, prefer_model="/other.gguf").id == second
+    assert schedule.next_job(store, job_id=first, prefer_model="/other.gguf").id == first
 
 
 def test_export_rows_in_input_order(store: Database):

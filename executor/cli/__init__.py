@@ -6,8 +6,9 @@ from executor.cli import admin_commands, job_commands, run_commands  # noqa: F40
 from executor.cli.app import app, main
 
 # The order `executor --help` lists them in: the everyday ones first.
-ORDER = ("submit", "run", "status", "export", "plan", "cancel", "retry", "run-job", "workers",
-         "serve", "model", "doctor", "version")  # fmt: skip
+ORDER = ("submit", "run", "status", "estimate", "export", "plan", "cancel", "retry",
+         "priority", "run-job", "pause", "resume", "workers", "serve", "model", "doctor",
+         "version")  # fmt: skip
 app.registered_commands.sort(
     key=lambda c: ORDER.index(c.name or c.callback.__name__.replace("_", "-"))  # type: ignore[union-attr]
 )

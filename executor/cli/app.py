@@ -50,7 +50,9 @@ app.add_typer(config_app, name="config")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def command(typer_app: typer.Typer = app, name: str | None = None) -> Callable[[F], F]:
+def command(
+    typer_app: typer.Typer = app, name: str | None = None, **options: Any
+) -> Callable[[F], F]:
     """Register a command whose domain errors end it with their message and exit code."""
 
     def register(func: F) -> F:
@@ -73,7 +75,7 @@ def command(typer_app: typer.Typer = app, name: str | None = None) -> Callable[[
                 _report(exc)
                 raise typer.Exit(exc.exit_code) from None
 
-        typer_app.command(name)(run)
+        typer_app.command(name, **options)(run)
         return func
 
     return register

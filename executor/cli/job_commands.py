@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -29,8 +30,11 @@ from executor.cli.options import (
     LogFormatOpt,
     ProvenanceOpt,
 )
+from executor.config import Settings
 from executor.errors import UsageError
 from executor.redact import redact
+from executor.store import Database, queue
+from executor.store.queue import Job
 
 
 @command()
@@ -82,6 +86,22 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            help="Higher runs first (any integer; default 0). `executor priority JOB N` "
+            "changes it later.",
+            show_default=False,
+        ),
+    ] = None,
+    window: Annotated[
+        str | None,
+        typer.Option(
+            help="The hours this job may run in, local time (22:00-07:00); workers take it "
+            "only then.",
+            show_default=False,
+        ),
+    ] = None,
     min_vram: Annotated[
         str | None,
         typer.Option(
@@ -118,6 +138,11 @@ def submit(
     )
     if is_spec(file):
         spec, settings = spec_and_settings(file, flags, config)
+        spec = replace(
+            spec,
+            priority=spec.priority if priority is None else priority,
+            window=window or spec.window,
+        )
         result = submit_spec(spec, settings, force=force, skip_invalid=skip_invalid)
     else:
         settings = settings_for(config, **flags)
@@ -130,6 +155,8 @@ def submit(
             skip_invalid=skip_invalid,
             json_schema=read_schema(Path.cwd(), json_schema, "--json-schema"),
             min_vram=_size_flag(min_vram, "--min-vram"),
+            priority=priority or 0,
+            window=window,
         )
     if as_json:
         print_json(result.__dict__)
@@ -164,18 +191,25 @@ def status(
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Show jobs: items queued, running, done and failed; tokens, tokens/s and ETA."""
+    """Show jobs: items queued, running, done and failed; tokens, tokens/s and ETA (a job
+    that has not started: its estimate, `~` expected or `≤` at most); and what workers that
+    do not work are doing (outside their window, paused, yielding the GPU)."""
     from executor.jobs.status import job_rows
+    from executor.planning.estimate import Estimator
+    from executor.store import workers as registry
 
     settings = settings_for(config, db=db)
     database = open_existing(settings) if job is None else open_db(settings)
     if database is None:  # a fresh machine, or a mistyped path: say which, create nothing
         say(f"no database at {redact(settings.db_url)} yet (`executor submit` creates it)")
-    rows = job_rows(database, job, limit) if database else []
+    rows = job_rows(database, job, limit, Estimator(settings, database)) if database else []
     if as_json:
         print_json(rows if job is None else rows[0])
-    else:
-        show(render.format_jobs(rows))
+        return
+    show(render.format_jobs(rows))
+    listing = registry.listing(database, settings.lease_seconds) if database else []
+    for line in render.worker_states(listing):
+        show(line)
 
 
 @command()
@@ -227,8 +261,6 @@ def export(
 @command()
 def cancel(job: JobArg, db: DbOpt = None, config: ConfigOpt = None) -> None:
     """Cancel a job: its queued items will not run (finished results stay)."""
-    from executor.store import queue
-
     n = queue.cancel_job(open_db(settings_for(config, db=db)), job)
     say(f"job {job}: cancelled ({n} items will not run; `executor retry {job}` resumes)")
 
@@ -236,8 +268,6 @@ def cancel(job: JobArg, db: DbOpt = None, config: ConfigOpt = None) -> None:
 @command()
 def retry(job: JobArg, db: DbOpt = None, config: ConfigOpt = None) -> None:
     """Put a job's failed and cancelled items back in the queue (invalid lines stay failed)."""
-    from executor.store import queue
-
     n = queue.retry_job(open_db(settings_for(config, db=db)), job)
     say(f"job {job}: {n} items queued again")
 
@@ -288,3 +318,61 @@ def run_job(
         raise JobFailedError(f"job {job.id} failed: {job.error}")
     if done.summary.stopped_by_signal:
         say(f"job {job.id} is not finished (stopped by a signal); run-job again to go on")
+    elif job.status.value in ("queued", "running"):
+        say(f"job {job.id} is not finished (outside its window, or paused); run-job again in "
+            "its window to go on")  # fmt: skip
+
+
+@command(context_settings={"ignore_unknown_options": True})  # a negative priority is no flag
+def priority(
+    job: JobArg,
+    value: Annotated[int, typer.Argument(help="The new priority: higher runs first.")],
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Change a queued or running job's priority (higher runs first; new jobs have 0). A
+    worker on a job of lower priority switches after its current batch, never in the middle
+    of a sequence."""
+    from executor.store import schedule
+
+    changed = schedule.set_priority(open_db(settings_for(config, db=db)), job, value)
+    say(f"job {changed.id}: priority {changed.priority}")
+
+
+@command()
+def estimate(
+    job: JobArg,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Say how long a job will take on this worker before it starts: a range of hours (and
+    watt-hours where energy was measured), from the decode rates measured here, the prompt
+    tokens (counted now if they were not), and how long answers of this model ran in
+    earlier jobs; with a --window / the job's window, when it will be done."""
+    from executor.planning.estimate import Estimator, describe
+
+    settings = settings_for(config, db=db)
+    database = open_db(settings)
+    queued = queue.require_job(database, job)
+    parallel = _planned_parallel(settings, database, queued)
+    result = Estimator(settings, database).estimate(queued, parallel=parallel)
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        show(describe(result))
+
+
+def _planned_parallel(settings: Settings, database: Database, job: Job) -> int | None:
+    """The sequences the plan would run `job` at here (its prompts counted first, as a
+    worker counts them); None when it cannot tell (the model is not here, say)."""
+    from executor.errors import ExecutorError
+    from executor.planning.gather import plan_for
+    from executor.planning.workload import job_context_need
+
+    try:
+        job_context_need(database, job, settings.engine)
+        report = plan_for(settings, database, job.model, job=job, use_dry_run=False)
+    except ExecutorError:
+        return None
+    return None if report.measure_parallel else report.plan.request.parallel

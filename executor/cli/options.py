@@ -88,6 +88,16 @@ ThreadsOpt = Annotated[
         show_default=False,
     ),
 ]
+GpuOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu",
+        help="The GPU to use, nvidia-smi's index. Under a scheduler that sets "
+        "CUDA_VISIBLE_DEVICES (Slurm --gres, Kubernetes, Docker): the first GPU it gives, and "
+        "--gpu must be one of them. [env EXECUTOR_GPU; default 0]",
+        show_default=False,
+    ),
+]
 GpuLayersOpt = Annotated[
     str | None,
     typer.Option(
@@ -176,6 +186,7 @@ ProvenanceOpt = Annotated[
 
 # The load flags `run` and `plan` share, declared once: parameter → (setting, option).
 LOAD_FLAGS: dict[str, tuple[str, Any]] = {
+    "gpu": ("gpu", GpuOpt),
     "ctx": ("ctx", CtxOpt),
     "gpu_layers": ("gpu_layers", GpuLayersOpt),
     "vram_cap": ("vram_cap", VramCapOpt),

@@ -58,7 +58,7 @@ def format_jobs(rows: list[dict[str, Any]]) -> str:
                 str(c["failed"] + c["invalid"]),
                 str(r["completion_tokens"]),
                 "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}",
-                "-" if r["eta_s"] is None else format_duration(r["eta_s"]),
+                _eta(r),
                 _energy(r),
             )
         )
@@ -72,6 +72,25 @@ def format_jobs(rows: list[dict[str, Any]]) -> str:
     ]
     errors = [f"job {r['id']}: {printable(r['error'])}" for r in rows if r["error"]]
     return "\n".join(lines + errors)
+
+
+def _eta(row: dict[str, Any]) -> str:
+    estimate = row.get("estimate")
+    if estimate is not None:  # not started: `~6m` expected, `≤14m` at most
+        if estimate["seconds_expected"] is not None:
+            return f"~{format_duration(estimate['seconds_expected'])}"
+        if estimate["seconds_most"] is not None:
+            return f"≤{format_duration(estimate['seconds_most'])}"
+    return "-" if row["eta_s"] is None else format_duration(row["eta_s"])
+
+
+def worker_states(workers: list[dict[str, Any]]) -> list[str]:
+    """One line per live worker that is not working: why, and until when."""
+    return [
+        f"worker {printable(w['id'])}: {printable(w['state'])}"
+        for w in workers
+        if w["alive"] and w.get("state") not in (None, "working", "idle", "starting", "stopped")
+    ]
 
 
 CLASS_LABELS = {
@@ -203,7 +222,7 @@ def format_workers(rows: list[dict[str, Any]]) -> str:
             f"{r['heartbeat_age_s']:>7.0f}s  "
             f"{printable(Path(r['model']).name) if r['model'] else '-'}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + worker_states(rows))
 
 
 def format_settings(settings: Settings, values: dict[str, Any], helps: dict[str, str]) -> str:

@@ -62,6 +62,24 @@ def run(
             show_default=False,
         ),
     ] = None,
+    window: Annotated[
+        str | None,
+        typer.Option(
+            help="Run only in these hours, local time: 22:00-07:00 (several: "
+            "22:00-07:00,12:30-13:30). At the end the model is unloaded; outside it the "
+            "worker waits with nothing loaded (--until-empty: exits). [env EXECUTOR_WINDOW]",
+            show_default=False,
+        ),
+    ] = None,
+    yield_gpu: Annotated[
+        bool | None,
+        typer.Option(
+            "--yield-gpu/--no-yield-gpu",
+            help="Step aside (unload) while another process uses the GPU (a game, your own "
+            "work), and resume once it has been free for a while. [env EXECUTOR_YIELD_GPU]",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     log_format: LogFormatOpt = None,
     db: DbOpt = None,
@@ -89,6 +107,8 @@ def run(
         engine=engine,
         log_format=log_format,
         stop_timeout=stop_timeout,
+        window=window,
+        yield_gpu=yield_gpu,
         **(load or {}),
     )
     # --gpu-layers on a build that cannot offload: refused before anything is claimed.
@@ -247,3 +267,52 @@ def workers(
         print_json(rows)
     else:
         show(render.format_workers(rows))
+
+
+@command()
+def pause(
+    worker: Annotated[
+        str | None,
+        typer.Option(
+            "--worker",
+            help="Only this worker (its id, as `executor workers` shows it, or a host name); "
+            "default: every worker on this database.",
+            show_default=False,
+        ),
+    ] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Give the GPU back now: workers stop claiming, let their items in flight finish
+    (--stop-timeout), put the rest back and unload the model. Through the database, so it
+    reaches workers on other hosts; `executor resume` lifts it. Nothing is lost."""
+    from executor.store import workers as registry
+
+    database = open_db(settings_for(config, db=db))
+    target = worker or "*"
+    fresh = registry.pause(database, target)
+    who = "every worker" if target == "*" else f"worker {target}"
+    say(f"{'paused' if fresh else 'already paused'}: {who} (`executor resume` lifts it)")
+
+
+@command()
+def resume(
+    worker: Annotated[
+        str | None,
+        typer.Option(
+            "--worker", help="Only this worker's pause; default: every pause.", show_default=False
+        ),
+    ] = None,
+    db: DbOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Lift `executor pause`: paused workers load their model and go on."""
+    from executor.store import workers as registry
+
+    database = open_db(settings_for(config, db=db))
+    lifted = registry.resume(database, worker)
+    say(
+        f"resumed: {lifted} pause{'s' if lifted != 1 else ''} lifted"
+        if lifted
+        else "nothing was paused"
+    )

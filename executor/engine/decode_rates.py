@@ -16,7 +16,8 @@ from __future__ import annotations
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)  # sequences per step, measured up to the cap
 WITHIN = 0.02  # the most sequences within this share of the best rate
-FLAT = 1.02  # stop measuring once doubling the sequences gains less than this
+FLAT = 1.02  # stop measuring once two doublings in a row (from 8 on) gain less than this
+PROMPT_RATE = 0  # the key under which the rates keep prompt tokens/s (one long prompt)
 
 
 def candidates(cap: int) -> tuple[int, ...]:
@@ -28,9 +29,15 @@ def candidates(cap: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def decode_only(rates: dict[int, float]) -> dict[int, float]:
+    """The decode rates alone (without the prompt rate kept beside them)."""
+    return {n: r for n, r in rates.items() if n != PROMPT_RATE}
+
+
 def pick_parallel(rates: dict[int, float], cap: int | None = None) -> int:
     """The most sequences whose decode rate is within WITHIN of the best (at most `cap`;
     the cap itself where the rates still grow past it)."""
+    rates = decode_only(rates)
     usable = {n: r for n, r in rates.items() if cap is None or n <= cap}
     if not usable:
         return 1 if cap is None else cap
@@ -44,6 +51,20 @@ def pick_parallel(rates: dict[int, float], cap: int | None = None) -> int:
     return max(n for n, r in usable.items() if r >= best * (1 - WITHIN))
 
 
+def worth_more(rates: dict[int, float], cap: int) -> bool:
+    """Whether rates measured before (for a smaller job) stop below `cap` sequences while
+    still growing: then they are measured again, up to the cap."""
+    decode = decode_only(rates)
+    if not decode:
+        return True
+    top = max(decode)
+    below = [n for n in decode if n < top]
+    return top < min(cap, SIZES[-1]) and (not below or decode[top] >= decode[max(below)] * FLAT)
+
+
 def describe(rates: dict[int, float]) -> str:
-    """'1: 95, 2: 128, 4: 170 … tok/s' for notes and logs."""
-    return ", ".join(f"{n}: {r:.0f}" for n, r in sorted(rates.items())) + " tok/s"
+    """'1: 95, 2: 128, 4: 170 … tok/s; prompts 1480 tok/s' for notes and logs."""
+    text = ", ".join(f"{n}: {r:.0f}" for n, r in sorted(decode_only(rates).items())) + " tok/s"
+    if PROMPT_RATE in rates:
+        text += f"; prompts {rates[PROMPT_RATE]:.0f} tok/s"
+    return text

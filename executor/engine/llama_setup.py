@@ -16,7 +16,7 @@ import llama_cpp
 from llama_cpp import _logger as llama_logger
 
 from executor.engine import LoadError
-from executor.engine.decode_rates import FLAT
+from executor.engine.decode_rates import FLAT, PROMPT_RATE
 from executor.engine.protocol import DryRun, LoadSpec
 from executor.machine.cpus import threads_for
 from executor.params import KV_CACHE_TYPES
@@ -85,33 +85,41 @@ def context_params(spec: LoadSpec) -> Any:
 
 
 MEASURE_PROMPT = 64  # tokens in each measured sequence's cache (a short chat prompt)
+MEASURE_PREFILL = 256  # tokens of the one prompt whose processing rate is measured
 
 
 def measure_decode_rates(model: Any, spec: LoadSpec, sizes: tuple[int, ...]) -> dict[int, float]:
     """Tokens per second of one decode step with n sequences generating, for each n in
     `sizes` (see executor.engine.decode_rates): a throwaway context with a KV stream per sequence
     as the real one has, a 64-token prompt decoded once (it also pages the weights in) and
-    copied to every sequence, then the fastest of three steps per size. Stops early once
-    doubling the sequences gains under 2 %. Empty if llama.cpp cannot make the context."""
+    copied to every sequence, then the fastest of three steps per size. Stops early once two
+    doublings in a row (from 8 sequences on) gained under 2 %: on a small model one step of
+    2 sequences can cost as much as two of 1 (a matrix-vector kernel against a small
+    matrix-matrix one) while 4, 8 … 64 keep gaining (147, 147, 200, 249 … 322 tok/s here),
+    so a single flat doubling is no end. Empty if llama.cpp cannot make the context."""
     most = max(sizes)
+    spec_batch = max(most, MEASURE_PROMPT, MEASURE_PREFILL)
     cparams = context_params(
-        replace(spec, n_ctx=256, parallel=most, n_batch=max(most, MEASURE_PROMPT))
-    )
+        replace(spec, n_ctx=MEASURE_PREFILL, parallel=most, n_batch=spec_batch,
+                n_ubatch=min(spec.n_ubatch, spec_batch))
+    )  # fmt: skip
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not ctx:
         return {}
-    batch = llama_cpp.llama_batch_init(max(most, MEASURE_PROMPT), 0, most)
+    batch = llama_cpp.llama_batch_init(spec_batch, 0, most)
     memory = llama_cpp.llama_get_memory(ctx)
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
 
-    def decode(entries: list[tuple[int, int]]) -> float:
+    def decode(entries: list[tuple[int, int]], last_only: bool = False) -> float:
+        """Seconds of one llama_decode of these (sequence, position) tokens; logits for
+        every token, or (a prompt) for its last only."""
         batch.n_tokens = 0
         for i, (seq, pos) in enumerate(entries):
             batch.token[i] = (pos * 7919 + 11) % n_vocab  # any tokens: the cost is the same
             batch.pos[i] = pos
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
-            batch.logits[i] = True
+            batch.logits[i] = not last_only or i == len(entries) - 1
             batch.n_tokens = i + 1
         started = time.perf_counter()
         if llama_cpp.llama_decode(ctx, batch) != 0:
@@ -119,6 +127,7 @@ def measure_decode_rates(model: Any, spec: LoadSpec, sizes: tuple[int, ...]) -> 
         return time.perf_counter() - started
 
     rates: dict[int, float] = {}
+    flat = 0  # doublings in a row that gained less than FLAT
     try:
         decode([(0, pos) for pos in range(MEASURE_PROMPT)])
         for seq in range(1, most):
@@ -131,8 +140,18 @@ def measure_decode_rates(model: Any, spec: LoadSpec, sizes: tuple[int, ...]) -> 
                 llama_cpp.llama_memory_seq_rm(memory, seq, MEASURE_PROMPT, -1)
             rates[n] = n / fastest
             before = max((m for m in rates if m < n), default=None)
-            if before is not None and rates[n] < rates[before] * FLAT:
+            flat = flat + 1 if before is not None and rates[n] < rates[before] * FLAT else 0
+            if flat >= 2 and n >= 8:
                 break  # compute-bound: more sequences would only add memory
+        # Prompt processing: one long prompt decoded at once (a matrix-matrix pass, many
+        # times the decode rate per token), the faster of two; the estimate needs both.
+        for seq in range(most):
+            llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+        timings = []
+        for _ in range(2):
+            llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+            timings.append(decode([(0, pos) for pos in range(MEASURE_PREFILL)], last_only=True))
+        rates[PROMPT_RATE] = MEASURE_PREFILL / min(timings)
     except RuntimeError:
         pass  # what was measured so far still counts
     finally:

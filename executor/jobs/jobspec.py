@@ -33,9 +33,12 @@ from executor.paths import (
 )
 from executor.planning.job_settings import LOAD_KEYS
 from executor.units import parse_size
+from executor.windows import Window
 
 SPEC_KEYS = (
     "min_vram",
+    "priority",
+    "window",
     "name",
     "input",
     "model",
@@ -64,6 +67,8 @@ class JobSpec:
     with_provenance: bool
     include_failed: bool
     min_vram: int | None = None  # only workers with a GPU this large take the job
+    priority: int = 0  # higher runs first
+    window: str | None = None  # the hours it may run in, local time
 
     @property
     def load(self) -> dict[str, Any]:
@@ -149,7 +154,22 @@ def read_spec(path: str | Path) -> JobSpec:
         with_provenance=bool(data.get("with_provenance", False)),
         include_failed=bool(data.get("include_failed", False)),
         min_vram=_size(data["min_vram"], where("min_vram")) if "min_vram" in data else None,
+        priority=_priority(data.get("priority", 0), where("priority")),
+        window=_window(data["window"], where("window")) if "window" in data else None,
     )
+
+
+def _priority(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    return value
+
+
+def _window(value: Any, where: str) -> str:
+    try:
+        return Window.parse(str(value)).text
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _size(value: Any, where: str) -> int:

@@ -47,6 +47,8 @@ def submit_spec(
         json_schema=spec.json_schema,
         load=spec.load,
         min_vram=spec.min_vram,
+        priority=spec.priority,
+        window=spec.window,
     )
 
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from executor.machine import energy
+from executor.planning.estimate import Estimator
 from executor.store import Database, queue, results
 from executor.store import workers as registry
 from executor.store.schema import ItemStatus, JobStatus, utcnow
 
 
-def job_rows(db: Database, job_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """One dict per job (newest first), the same data `--json` prints."""
+def job_rows(
+    db: Database,
+    job_id: int | None = None,
+    limit: int = 50,
+    estimator: Estimator | None = None,
+) -> list[dict[str, Any]]:
+    """One dict per job (newest first), the same data `--json` prints. With an `estimator`,
+    a job that has not started yet gets its estimated time (planning/estimate.py) as its
+    ETA; a running one's ETA comes from its live pace."""
     if job_id is not None:
         queue.require_job(db, job_id)
     jobs = queue.list_jobs(db, job_id=job_id, limit=limit)
@@ -37,6 +45,12 @@ def job_rows(db: Database, job_id: int | None = None, limit: int = 50) -> list[d
         eta = None
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and elapsed and processed:
             eta = max(state.remaining - items, 0) * elapsed / processed
+        guess = None
+        if estimator is not None and eta is None and job.status == JobStatus.QUEUED:
+            guess = estimator.estimate(job)
+            eta = (
+                guess.seconds_expected if guess.seconds_expected is not None else guess.seconds_most
+            )
         rows.append(
             {
                 "id": job.id,
@@ -50,6 +64,9 @@ def job_rows(db: Database, job_id: int | None = None, limit: int = 50) -> list[d
                 "tokens_in_flight": tokens,
                 "tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),
                 "eta_s": None if eta is None else round(eta),
+                "estimate": guess.as_dict() if guess is not None else None,
+                "priority": job.priority,
+                "window": job.window,
                 "created_at": job.created_at.isoformat() + "Z",
                 "started_at": job.started_at.isoformat() + "Z" if job.started_at else None,
                 "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,

@@ -19,6 +19,7 @@ from executor.outcomes import FailCode
 from executor.store import Database, queue
 from executor.store.queue import NewItem
 from executor.store.schema import ItemStatus
+from executor.windows import Window
 
 MAX_NAME = 200  # jobs.name holds 200 characters
 
@@ -45,6 +46,8 @@ def submit(
     origin: str | None = None,
     display: str | None = None,
     refuse_requests: bool = False,
+    priority: int = 0,
+    window: str | None = None,
 ) -> Submitted:
     """Validate `source` (a path or '-') and enqueue it; nothing is written if any line is bad.
 
@@ -55,8 +58,15 @@ def submit(
     in two batches is two jobs, the same batch submitted twice is one. `display` names the
     file in messages; `refuse_requests` (OpenAI's batch semantics, for the server): a line
     whose request cannot be served is queued as an invalid item with its reason, while a
-    line that is itself bad still refuses the whole file.
+    line that is itself bad still refuses the whole file. `priority` (higher first) and
+    `window` (the hours the job may run in) are not part of what makes a submission the same:
+    resubmitting finds the job as it is (`executor priority` changes its priority).
     """
+    if window is not None:
+        try:
+            window = Window.parse(window).text
+        except ValueError as exc:
+            raise UsageError(f"--window: {exc}") from None
     job_name = name or (None if source == "-" else Path(source).stem)
     if job_name is not None and (len(job_name) > MAX_NAME or not job_name.strip()):
         raise UsageError(
@@ -124,6 +134,8 @@ def submit(
             new_items=_new_items(prompts, scan.sha256),
             min_vram=min_vram,
             reuse=not force,
+            priority=priority,
+            window=window,
         )
         if not created:
             return Submitted(job.id, False, job.item_count, 0)

@@ -47,9 +47,13 @@ class Probe:
 
 
 def load_nvml() -> Any:
-    """The NVML module to use: a fake from EXECUTOR_FAKE_NVML (tests), else pynvml."""
+    """The NVML module to use: a fake from EXECUTOR_FAKE_NVML (tests: JSON, or @FILE read
+    anew each time, so a test can change the card mid-run), else pynvml."""
     fake = os.environ.get("EXECUTOR_FAKE_NVML")
     if fake:
+        if fake.startswith("@"):
+            with open(fake[1:], encoding="utf-8") as f:
+                fake = f.read()
         return FakeNvml.from_json(fake)
     import pynvml
 
@@ -93,11 +97,66 @@ def probe(nvml: Any | None = None) -> Probe:
 
 
 def pick(found: Probe, index: int) -> GpuInfo | None:
-    """The GPU a worker uses (`--gpu`, nvidia-smi's index); None without GPUs."""
+    """The GPU of nvidia-smi's index `index`; None without it."""
     for card in found.gpus:
         if card.index == index:
             return card
     return None
+
+
+class BindingError(ValueError):
+    """CUDA_VISIBLE_DEVICES and the worker's own GPU setting disagree, or name no GPU."""
+
+
+def visible(found: Probe, env: dict[str, str] | None = None) -> list[GpuInfo] | None:
+    """The GPUs CUDA_VISIBLE_DEVICES lets this process use, in its order, mapped to NVML's
+    cards (NVML lists every card whatever the variable says); None when it is not set.
+
+    A scheduler sets it: Slurm's --gres=gpu, Kubernetes' device plugin, Docker. Entries are
+    indices (nvidia-smi's, PCI order) or UUIDs (CUDA takes a unique prefix); empty, -1 or
+    NoDevFiles means none."""
+    text = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if text is None:
+        return None
+    cards = []
+    for entry in (e.strip() for e in text.split(",")):
+        if entry in ("", "-1", "NoDevFiles"):
+            break  # CUDA stops at the first invalid entry
+        if entry.startswith("MIG-"):
+            raise BindingError(f"CUDA_VISIBLE_DEVICES={text}: MIG devices are not supported")
+        if entry.isdigit():
+            card = pick(found, int(entry))
+        else:
+            matches = [c for c in found.gpus if c.uuid.startswith(entry)]
+            card = matches[0] if len(matches) == 1 else None
+        if card is None:
+            raise BindingError(
+                f"CUDA_VISIBLE_DEVICES={text} names GPU {entry}, which NVML does not list "
+                f"({', '.join(f'{c.index}: {c.uuid}' for c in found.gpus) or 'no GPU'})"
+            )
+        cards.append(card)
+    return cards
+
+
+def worker_card(
+    found: Probe, index: int, *, explicit: bool, env: dict[str, str] | None = None
+) -> GpuInfo | None:
+    """The GPU a worker uses. Under a scheduler (CUDA_VISIBLE_DEVICES set) the first card it
+    names, or the `gpu` setting (nvidia-smi's index) when given and among them — a setting
+    outside them is an error, not someone else's card; else the card of that index."""
+    allowed = visible(found, env)
+    if allowed is None:
+        return pick(found, index)
+    if not explicit:
+        return allowed[0] if allowed else None
+    for card in allowed:
+        if card.index == index:
+            return card
+    text = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    raise BindingError(
+        f"gpu {index} is not among the GPUs this process was given "
+        f"(CUDA_VISIBLE_DEVICES={text}: {', '.join(str(c.index) for c in allowed) or 'none'})"
+    )
 
 
 def process_vram(pid: int, uuid: str, nvml: Any | None = None) -> int | None:
@@ -116,6 +175,32 @@ def process_vram(pid: int, uuid: str, nvml: Any | None = None) -> int | None:
         return 0
     except Exception:
         return None
+    finally:
+        with suppress(Exception):
+            nvml.nvmlShutdown()
+
+
+def card_processes(uuid: str, nvml: Any | None = None) -> list[tuple[int, int]]:
+    """(pid, bytes) of every process NVML lists on GPU `uuid`, compute and graphics alike
+    (a game is a graphics process); empty when NVML cannot say."""
+    try:
+        nvml = nvml or load_nvml()
+        nvml.nvmlInit()
+    except Exception:
+        return []
+    try:
+        handle = nvml.nvmlDeviceGetHandleByUUID(uuid.encode() if isinstance(uuid, str) else uuid)
+        found: dict[int, int] = {}
+        for lister in (
+            nvml.nvmlDeviceGetComputeRunningProcesses,
+            nvml.nvmlDeviceGetGraphicsRunningProcesses,
+        ):
+            for proc in lister(handle):
+                used = int(proc.usedGpuMemory or 0)
+                found[int(proc.pid)] = max(found.get(int(proc.pid), 0), used)
+        return sorted(found.items())
+    except Exception:
+        return []
     finally:
         with suppress(Exception):
             nvml.nvmlShutdown()
@@ -151,7 +236,8 @@ class FakeNvmlError(Exception):
 
 class FakeNvml:
     """Answers like pynvml from a list of devices: {"name", "uuid", "total", "free",
-    "processes": {pid: bytes}}; `fail` makes nvmlInit raise (no driver)."""
+    "processes": {pid: bytes}, "graphics": {pid: bytes}}; `fail` makes nvmlInit raise (no
+    driver)."""
 
     NVMLError = FakeNvmlError
 
@@ -213,3 +299,7 @@ class FakeNvml:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: dict[str, Any]) -> list[_Process]:
         return [_Process(int(pid), int(used)) for pid, used in handle.get("processes", {}).items()]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: dict[str, Any]) -> list[_Process]:
+        """`graphics`: {pid: bytes} of the device (a game, a desktop)."""
+        return [_Process(int(pid), int(used)) for pid, used in handle.get("graphics", {}).items()]

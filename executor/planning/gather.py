@@ -292,7 +292,7 @@ def _cpu_parallel(
         if db is not None and sha256
         else {}
     )
-    if rates:
+    if rates and not decode_rates.worth_more(rates, most):
         n = decode_rates.pick_parallel(rates, most)
         return (
             n,
@@ -302,12 +302,18 @@ def _cpu_parallel(
                 f"decode rate measured on this host ({decode_rates.describe(rates)}){why}"
             ),
         )
+    again = (
+        f" (those measured before stop at {max(decode_rates.decode_only(rates))} sequences "
+        "and were still growing)"
+        if rates
+        else ""
+    )
     return (
         most,
         decode_rates.candidates(most),
         (
             f"parallel up to {most}: decode rates are measured when the model loads (once per "
-            f"model, host and thread count) and the most sequences within "
+            f"model, host and thread count){again} and the most sequences within "
             f"{decode_rates.WITHIN:.0%} of the best are used{why}"
         ),
     )
@@ -324,8 +330,23 @@ def device_for(
         name = f"a {format_bytes(total)} card (--gpu-total)"
         return None, Device(name=name, uuid="planned", total=total, free=total)
     probe = gpu.probe(nvml)
-    card = gpu.pick(probe, settings.gpu)
+    card = card_for(settings, probe)
     return probe, card.as_device() if card else None
+
+
+def card_for(settings: Settings, probe: gpu.Probe) -> gpu.GpuInfo | None:
+    """This worker's GPU: the scheduler's (CUDA_VISIBLE_DEVICES) or the `gpu` setting's;
+    ConfigError (exit 2) when the two disagree."""
+    try:
+        return gpu.worker_card(
+            probe, settings.gpu, explicit=settings.sources.get("gpu", "default") != "default"
+        )
+    except gpu.BindingError as exc:
+        raise ConfigError(
+            str(exc),
+            hint="leave --gpu / gpu: unset under a scheduler (it takes the first GPU it "
+            "gives), or give one of the listed ones",
+        ) from None
 
 
 def _context(settings: Settings, db: Database, info: ModelInfo, job: Job | None) -> tuple[int, str]:

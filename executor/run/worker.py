@@ -14,32 +14,31 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from executor.config import Settings, xdg_dir
-from executor.engine.protocol import BatchDone, ItemDone, ItemFailed, ItemStarted, Progress
-from executor.errors import DatabaseGone, ModelError, UnstorableResult, WouldSwapError
+from executor.errors import DatabaseGone, ModelError, WouldSwapError
 from executor.machine import energy, gpu
-from executor.outcomes import FailCode
-from executor.params import GenerationRequest
+from executor.planning.gather import card_for
 from executor.planning.job_settings import job_load
 from executor.planning.workload import context_for, job_context_need
+from executor.run import scheduler
+from executor.run.batch import BatchRun
 from executor.run.events import JobCounts, NoEvents, RunEvents
+from executor.run.gate import Clock, Closed, Gate, SystemClock
 from executor.run.loader import Loaded, ModelLoader
-from executor.run.supervisor import Died, Tick
-from executor.schemas import output_problem
-from executor.store import Database, queue, results
+from executor.store import Database, queue, results, schedule
 from executor.store import workers as registry
 from executor.store.locks import worker_lock
-from executor.store.queue import ClaimedItem, Job
-from executor.store.schema import JobStatus
+from executor.store.queue import Job
+from executor.windows import Window, local
 
 log = logging.getLogger(__name__)
 
 BEAT_SECONDS = 5.0  # registry heartbeats: what `workers` and the page show is this fresh
+OUTRANK_SECONDS = 2.0  # how often a running batch looks for a job of higher priority
 
 
 @dataclass(frozen=True)
@@ -70,16 +69,26 @@ class Worker:
     """Drains the queue with one model process, loading each model once."""
 
     def __init__(
-        self, settings: Settings, db: Database, options: RunOptions, events: RunEvents
+        self,
+        settings: Settings,
+        db: Database,
+        options: RunOptions,
+        events: RunEvents,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.options = options
         self.events = events
-        self.card = gpu.pick(gpu.probe(), settings.gpu)
+        self.card = card_for(settings, gpu.probe())
         self.host = socket.gethostname()
         # The worker's identity, and the owner of its leases: one worker per GPU per host.
-        self.id = f"{self.host}:{self.card.uuid if self.card else 'cpu'}"
+        # Without a GPU, a scheduler's allocation tells workers on one host apart.
+        self.scheduled = scheduler.label()
+        tag = scheduler.allocation()
+        self.id = f"{self.host}:{self.card.uuid}" if self.card else f"{self.host}:cpu"
+        if self.card is None and tag:
+            self.id += f":{tag}"
         self.signals = 0
         self.summary = RunSummary()
         self.loader = ModelLoader(
@@ -90,11 +99,19 @@ class Worker:
         self.counts: JobCounts | None = None
         self._beat_at = 0.0  # last registry heartbeat
         self._reclaimed_at = 0.0  # last return of others' expired leases
-        self._live: dict[int, int] = {}  # tokens so far of each item in flight
-        self._budgets: dict[int, int] = {}  # max_tokens of each claimed item
         self.meter = energy.meter(
             gpu.load_nvml() if self.card else None, self.card.uuid if self.card else None
         )
+        self.clock = clock or SystemClock()
+        self.gate = Gate(
+            settings, db, self.id, self.host, clock=self.clock,
+            card_uuid=self.card.uuid if self.card else None,
+            model_pid=lambda: self.loaded.proc.pid if self.loaded else None,
+            ends_at=scheduler.end_time() if self.scheduled else None,
+        )  # fmt: skip
+        self.closed: Closed | None = None  # why the worker does not work now
+        self._windows: dict[str, Window] = {}  # job windows, parsed once
+        self._outranked_at = 0.0  # last look for a job of higher priority
 
     # Signal handlers only count; everything else happens in the loop.
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -120,11 +137,15 @@ class Worker:
                 gpu_name=self.card.name if self.card else None,
                 vram_total=self.card.total if self.card else None,
                 pid=os.getpid(),
+                scheduler=self.scheduled,
             )
+            if self.gate.ends_at is not None:
+                log.info("the scheduler ends this job at %s: claiming stops at %s",
+                         local(self.gate.ends_at), local(self.gate.stop_by))  # fmt: skip
             try:
                 self._loop()
             except DatabaseGone:
-                self._kill()  # nothing more is written: the database is not ours any more
+                self.kill()  # nothing more is written: the database is not ours any more
                 raise
             finally:
                 if not self.db.gone:
@@ -136,14 +157,17 @@ class Worker:
         return self.summary
 
     def _loop(self) -> None:
-        while not self.stopping and not self._reached_max():
-            self._housekeeping()
-            job = queue.next_job(
-                self.db,
-                job_id=self.options.job_id,
-                prefer_model=self.loaded.model_path if self.loaded else None,
-                vram=self.card.total if self.card else None,
-            )
+        while not self.stopping and not self.reached_max():
+            self.housekeeping()
+            closed = self.gate.check(now=True)
+            if closed is not None:
+                if self._closed(closed):
+                    continue
+                return
+            if self.closed is not None:
+                log.info("working again (%s no more)", self.closed.kind)
+                self.closed = None
+            job, waiting = self._next_job()
             self.job = job
             if job is None:
                 # Other workers' leases may still come back (a dead worker's expire): drain
@@ -151,6 +175,9 @@ class Worker:
                 if self.options.until_empty and not queue.running_items(
                     self.db, self.options.job_id
                 ):
+                    for job_id, opens in waiting.items():
+                        log.info("job %s waits for its window: it opens at %s", job_id,
+                                 local(opens), extra={"job": job_id})  # fmt: skip
                     return
                 self._end_job()
                 # Draining: other workers' last items finish any moment; look again soon.
@@ -166,7 +193,7 @@ class Worker:
             # Enough items to keep every parallel slot busy through most of the batch.
             limit = self.settings.batch_size or max(16, 4 * self.loaded.parallel)
             if self.options.max_items is not None:
-                limit = min(limit, self.options.max_items - self._finished())
+                limit = min(limit, self.options.max_items - self.finished())
             # Items that were in flight when the model process crashed run alone, so that
             # the next crash blames only the item that causes it, not its batch mates.
             batch = queue.claim(
@@ -190,13 +217,69 @@ class Worker:
                 self._begin_job(job)
                 before = self.meter.read() if self.meter else None
                 try:
-                    self._run_batch(job, batch, refill=refill)
+                    BatchRun(self, job, refill).run(batch)
                 finally:
-                    self._live.clear()
-                    self._budgets.clear()
-                    self._count_live()
                     if not self.db.gone:
                         self._add_energy(job, before)
+
+    def _next_job(self) -> tuple[Job | None, dict[int, datetime]]:
+        """The job to work on (store/schedule.py's order), skipping jobs whose own window is
+        closed now; and those skipped, with when their windows open."""
+        waiting: dict[int, datetime] = {}
+        while True:
+            job = schedule.next_job(
+                self.db,
+                job_id=self.options.job_id,
+                prefer_model=self.loaded.model_path if self.loaded else None,
+                vram=self.card.total if self.card else None,
+                max_model_wait=self.settings.max_model_wait,
+                exclude=waiting,
+            )
+            if job is None or self._job_window_open(job):
+                return job, waiting
+            waiting[job.id] = self._window(job.window).opens_at(self.clock.now())  # type: ignore[arg-type]
+
+    def _window(self, text: str) -> Window:
+        if text not in self._windows:
+            self._windows[text] = Window.parse(text)
+        return self._windows[text]
+
+    def _job_window_open(self, job: Job) -> bool:
+        return job.window is None or self._window(job.window).is_open(self.clock.now())
+
+    def _closed(self, closed: Closed) -> bool:
+        """The gate is closed: unload (the card is the owner's again), say why and what is
+        left, and wait; False when the run should end (--until-empty)."""
+        if self.closed is None or self.closed.reason != closed.reason:
+            left = queue.waiting_items(self.db, self.options.job_id)
+            resumes = f"; work resumes at {local(closed.until)}" if closed.until else ""
+            log.info("%s: %d items wait%s", closed.reason, left, resumes,
+                     extra={"cause": closed.kind})  # fmt: skip
+        self.closed = closed
+        self._end_job()
+        if self.loaded is not None:
+            log.info("unloading the model: %s", closed.reason)
+            self._unload()
+        self.job = None
+        self.housekeeping(now=True)
+        if self.options.until_empty or closed.kind == "deadline":
+            return False
+        wait = self.settings.poll_seconds
+        if closed.until is not None:
+            wait = min(wait, max((closed.until - self.clock.now()).total_seconds(), 0.05))
+        self._sleep(wait)
+        return True
+
+    def halt(self, job: Job) -> str | None:
+        """Why the batch of `job` must stop claiming and wind down now, if it must."""
+        if self.stopping:
+            return "stopping"
+        closed = self.gate.check()
+        if closed is not None:
+            return closed.reason
+        if not self._job_window_open(job):
+            return f"job {job.id}'s window ({job.window}) closed"
+        return None
 
     def _add_energy(self, job: Job, before: int | None) -> None:
         """What the device used during one batch goes to the job (a batch is one job's)."""
@@ -204,122 +287,20 @@ class Worker:
         if self.meter and before is not None and after is not None and after >= before:
             queue.add_energy(self.db, job.id, after - before, self.meter.source)
 
-    def _run_batch(self, job: Job, batch: list[ClaimedItem], *, refill: int = 0) -> None:
-        """Generate a claimed batch. With `refill`, claim up to that many more of the job's
-        items whenever fewer than `parallel` wait in the model process, and queue them
-        behind the ones in flight: the slots never drain between batches (a batch's last
-        steps would otherwise run with few sequences, while items wait in the queue)."""
-        assert self.loaded is not None
-        loaded = self.loaded
-        params: dict[int, dict[str, Any]] = {}
-        pending: set[int] = set()  # claimed, no outcome yet
-        in_flight: set[int] = set()  # started in the model process
+    def outranked(self, job: Job) -> bool:
+        """A job of higher priority waits (looked at every few seconds): this batch takes
+        no more items, so the worker switches once its sequences end."""
+        clock = time.monotonic()
+        if clock - self._outranked_at < OUTRANK_SECONDS:
+            return False
+        self._outranked_at = clock
+        if schedule.outranked(self.db, job, vram=self.card.total if self.card else None):
+            log.info("a job of higher priority than job %s waits: switching after this batch",
+                     job.id, extra={"job": job.id})  # fmt: skip
+            return True
+        return False
 
-        def requests_for(claimed: list[ClaimedItem]) -> list[GenerationRequest]:
-            built = [
-                GenerationRequest.build(i.id, i.custom_id, i.request, job.params) for i in claimed
-            ]
-            params.update((r.item_id, r.params) for r in built)
-            self._budgets.update((r.item_id, r.max_tokens) for r in built)
-            pending.update(i.id for i in claimed)
-            return built
-
-        heartbeat_every = self.settings.lease_seconds / 3
-        last_heartbeat = time.monotonic()
-        stop_deadline: float | None = None
-        events = loaded.proc.run(requests_for(batch), stall_seconds=self.settings.stall_seconds)
-        for event in events:
-            if refill and stop_deadline is None and len(pending - in_flight) < loaded.parallel:
-                refill = self._top_up(job, refill, pending, requests_for)
-            if isinstance(event, ItemStarted):
-                in_flight.add(event.item_id)
-            elif isinstance(event, ItemDone):
-                schema = params[event.item_id].get("json_schema")
-                problem = output_problem(event.record.output, schema) if schema else None
-                if problem:  # the grammar does not carry every keyword (schemas.py)
-                    self._item_failed(
-                        job, event.item_id, problem, pending, in_flight, FailCode.SCHEMA_NOT_MET
-                    )
-                    continue
-                try:
-                    recorded = queue.complete(
-                        self.db,
-                        event.item_id,
-                        owner=self.id,
-                        result=event.record,
-                        model_sha256=loaded.sha256,
-                        load_id=loaded.load_id,
-                        params=params[event.item_id],
-                    )
-                except UnstorableResult as exc:
-                    self._item_failed(
-                        job, event.item_id, str(exc), pending, in_flight, FailCode.UNSTORABLE
-                    )
-                    continue
-                self._settled(event.item_id, pending, in_flight)
-                if recorded:
-                    self.summary.done += 1
-                    self.summary.completion_tokens += event.record.completion_tokens
-                    self._item_finished(event.record.completion_tokens)
-                else:
-                    self._drop_lost(job, pending, in_flight)
-            elif isinstance(event, ItemFailed):
-                self._item_failed(job, event.item_id, event.reason, pending, in_flight, event.code)
-            elif isinstance(event, Progress):
-                self._live = {i: n for i, n in event.tokens.items() if i in pending}
-                self._count_live()
-                self.events.tick(self.counts)
-                self._housekeeping()
-            elif isinstance(event, Died):
-                self._model_died(event, pending, in_flight)
-                return
-            elif isinstance(event, BatchDone):
-                break
-            elif isinstance(event, Tick):
-                self.events.tick(self.counts)
-                self._housekeeping()
-            if self.stopping and stop_deadline is None:
-                stop_deadline = time.monotonic() + self.options.stop_timeout
-                self._release_unstarted(pending, in_flight, "stopping")
-            if self._reached_max() and stop_deadline is None:
-                self._release_unstarted(pending, in_flight, "--max-items reached")
-            if stop_deadline is not None and (self.signals > 1 or time.monotonic() > stop_deadline):
-                log.warning("stopping now: releasing %d items in flight", len(in_flight))
-                self._kill()
-                self._release(in_flight, pending)
-                return
-            if time.monotonic() - last_heartbeat > heartbeat_every:
-                queue.renew_leases(
-                    self.db, pending, owner=self.id, lease_seconds=self.settings.lease_seconds
-                )
-                last_heartbeat = time.monotonic()
-        # Whatever the model process skipped (dropped items) goes back to the queue.
-        self._release(pending, pending)
-
-    def _top_up(
-        self,
-        job: Job,
-        limit: int,
-        pending: set[int],
-        requests_for: Callable[[list[ClaimedItem]], list[GenerationRequest]],
-    ) -> int:
-        """Claim more of the job's items and queue them in the model process; the refill
-        limit for next time (0 once the job has nothing left to claim)."""
-        assert self.loaded is not None
-        if self.options.max_items is not None:
-            limit = min(limit, self.options.max_items - self._finished() - len(pending))
-        if limit <= 0 or self.stopping:
-            return 0
-        more = queue.claim(
-            self.db, job.id, limit=limit, owner=self.id, lease_seconds=self.settings.lease_seconds
-        )
-        if not more:
-            return 0
-        if not self.loaded.proc.extend(requests_for(more)):
-            return 0  # the process is gone: run() reports it, the items are released
-        return limit
-
-    def _housekeeping(self, *, now: bool = False) -> None:
+    def housekeeping(self, *, now: bool = False) -> None:
         """A heartbeat in the registry every few seconds (`now`: at once, e.g. when a model
         has loaded), with what the worker is doing: its model, job, tok/s, the tokens in
         flight; and every third of a lease, return expired leases of dead workers to the
@@ -338,91 +319,14 @@ class Worker:
                 tokens_in_flight=counts.live_tokens if counts else None,
                 items_in_flight=round(counts.live_items, 3) if counts else None,
                 sample=(counts.job_id, counts.all_tokens) if counts and counts.all_tokens else None,
+                state=self.closed.reason if self.closed else ("working" if counts else "idle"),
+                resumes_at=_naive_utc(self.closed.until) if self.closed else None,
             )
         if not self.db.is_sqlite and clock - self._reclaimed_at >= self.settings.lease_seconds / 3:
             self._reclaimed_at = clock
             reclaimed = queue.reclaim_stale(self.db)
             if reclaimed:
                 log.info("returned %d items with expired leases to the queue", reclaimed)
-
-    def _count_live(self) -> None:
-        """The items in flight, in tokens and in fractions of items, for the job's pace."""
-        if self.counts is None:
-            return
-        self.counts.live_tokens = sum(self._live.values())
-        self.counts.live_items = sum(
-            min(n / max(self._budgets.get(i, 1), 1), 1.0) for i, n in self._live.items()
-        )
-
-    def _item_failed(
-        self,
-        job: Job,
-        item_id: int,
-        reason: str,
-        pending: set[int],
-        in_flight: set[int],
-        code: FailCode = FailCode.FAILED,
-    ) -> None:
-        """This item alone failed (its prompt, its answer); the batch goes on."""
-        log.warning("item %s failed: %s", item_id, reason, extra={"job": job.id, "item": item_id})
-        self._settled(item_id, pending, in_flight)
-        if queue.fail_item(self.db, item_id, owner=self.id, error=reason, code=code):
-            self.summary.failed += 1
-            self._item_finished(0, failed=True)
-
-    def _settled(self, item_id: int, pending: set[int], in_flight: set[int]) -> None:
-        pending.discard(item_id)
-        in_flight.discard(item_id)
-        self._budgets.pop(item_id, None)
-        if self._live.pop(item_id, None) is not None:
-            self._count_live()
-
-    def _release_unstarted(self, pending: set[int], in_flight: set[int], why: str) -> None:
-        unstarted = sorted(pending - in_flight)
-        if unstarted:
-            assert self.loaded is not None
-            self.loaded.proc.drop(unstarted)
-            self._release(set(unstarted), pending)
-            log.info("%s: released %d items not yet started", why, len(unstarted))
-
-    def _release(self, ids: set[int], pending: set[int]) -> None:
-        if ids:
-            queue.release(self.db, ids, owner=self.id)
-            self.summary.released += len(ids)
-            pending.difference_update(ids)
-
-    def _drop_lost(self, job: Job, pending: set[int], in_flight: set[int]) -> None:
-        """A result could not be recorded: the job was cancelled under us; skip the rest."""
-        current = queue.get_job(self.db, job.id)
-        if current is not None and current.status == JobStatus.CANCELLED:
-            assert self.loaded is not None
-            self.loaded.proc.drop(sorted(pending - in_flight))
-            pending.difference_update(pending - in_flight)
-
-    def _model_died(self, event: Died, pending: set[int], in_flight: set[int]) -> None:
-        """The model process crashed: count an attempt for the items it was working on."""
-        log.error("%s", event.reason, extra={"cause": "crash"})
-        assert self.loaded is not None
-        self.loader.crashed(self.loaded, event)
-        self.loaded = None
-        poisoned = queue.release(
-            self.db,
-            in_flight,
-            owner=self.id,
-            error=event.reason.splitlines()[0],
-            count_attempt=True,
-            max_attempts=self.settings.max_attempts,
-        )
-        for item_id in poisoned:
-            log.error(
-                "item %s crashed the model process %d times; failed",
-                item_id,
-                self.settings.max_attempts,
-                extra={"item": item_id},
-            )
-            self.summary.failed += 1
-            self._item_finished(0, failed=True)
-        queue.release(self.db, pending - in_flight, owner=self.id)
 
     def _ensure_model(self, job: Job) -> bool:
         """Have the job's model loaded with a context its items fit in; if it cannot load at
@@ -438,7 +342,7 @@ class Worker:
                 return True
             self._unload()
             self.loaded = self.loader.load(job.model, job)
-            self._housekeeping(now=True)  # the registry shows the model from now on
+            self.housekeeping(now=True)  # the registry shows the model from now on
         except WouldSwapError as exc:
             # This machine cannot hold the load as configured (its flags, its RAM): the
             # worker's problem, not the job's. Nothing is claimed; the items stay queued
@@ -482,7 +386,7 @@ class Worker:
             self.loader.closed(self.loaded)
             self.loaded = None
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
         """End the model process now (a second signal, or the stop timeout ran out)."""
         if self.loaded is not None:
             self.loaded.proc.kill()
@@ -497,9 +401,9 @@ class Worker:
         label = f"job {job.id}" + (f" ({job.name})" if job.name else "")
         self.counts = JobCounts(job.id, label, job.item_count, state.finished)
         self.events.job_started(self.counts)
-        self._housekeeping(now=True)
+        self.housekeeping(now=True)
 
-    def _item_finished(self, tokens: int, *, failed: bool = False) -> None:
+    def item_finished(self, tokens: int, *, failed: bool = False) -> None:
         if self.counts is not None:
             self.counts.add(tokens, failed=failed)
             self.events.item_finished(self.counts)
@@ -509,11 +413,11 @@ class Worker:
             self.events.job_ended(self.counts)
             self.counts = None
 
-    def _finished(self) -> int:
+    def finished(self) -> int:
         return self.summary.done + self.summary.failed
 
-    def _reached_max(self) -> bool:
-        return self.options.max_items is not None and self._finished() >= self.options.max_items
+    def reached_max(self) -> bool:
+        return self.options.max_items is not None and self.finished() >= self.options.max_items
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -532,3 +436,8 @@ def run_worker(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    """The store keeps naive UTC times."""
+    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)

@@ -116,6 +116,7 @@ def create_batch(
             "metadata: at most 16 string pairs (keys ≤ 64, values ≤ 512 chars)",
             param="metadata",
         )
+    _priority(metadata)  # checked before anything is stored
     batch = store.create_batch(
         db,
         input_file_id=input_file_id,
@@ -128,6 +129,20 @@ def create_batch(
     found = store.get_batch(db, batch.public_id)
     assert found is not None
     return found
+
+
+def _priority(metadata: dict[str, str] | None) -> int:
+    """metadata.priority, an integer as text (OpenAI's metadata values are strings): the
+    job's priority, higher first; 0 without one."""
+    text = (metadata or {}).get("priority")
+    if text is None:
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError(
+            400, f"metadata.priority must be an integer, got {text[:32]!r}", param="metadata"
+        ) from None
 
 
 def _good_metadata(metadata: Any) -> bool:
@@ -247,6 +262,7 @@ def validate(db: Database, settings: Settings, files: FileStore, batch: ApiBatch
         done = submit(
             settings, db, str(path), name=f"{batch.public_id} ({source.filename})"[:200],
             origin=batch.public_id, display=source.filename, refuse_requests=True,
+            priority=_priority(batch.metadata),
         )  # fmt: skip
     except OSError as exc:
         log.error("batch %s: its input file cannot be read: %s", batch.public_id, exc)

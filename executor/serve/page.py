@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from executor.jobs.status import job_rows
+from executor.planning.estimate import Estimator
 from executor.store import Database, results
 from executor.store import loads as load_store
 from executor.store import workers as registry
@@ -22,9 +23,12 @@ ALIVE_WITHIN = 60.0
 SAMPLES = 5000  # the latest rate samples of a job drawn as its tok/s line
 
 
-def snapshot(db: Database, lease_seconds: float = 120.0) -> dict[str, Any]:
-    """Jobs (with tok/s over time), workers, the current load's VRAM and the load history."""
-    jobs = job_rows(db, limit=20)
+def snapshot(
+    db: Database, lease_seconds: float = 120.0, estimator: Estimator | None = None
+) -> dict[str, Any]:
+    """Jobs (with tok/s over time; a job not started yet, its estimate), workers, the current
+    load's VRAM and the load history."""
+    jobs = job_rows(db, limit=20, estimator=estimator)
     for job in jobs:
         job["timeline"] = _rates(_timeline(db, job))
     loads = load_store.recent_loads(db, 15)
@@ -79,6 +83,8 @@ def _worker(w: dict[str, Any]) -> dict[str, Any]:
         "model": Path(w["model"]).name if w.get("model") else None,
         "job": w.get("job_id"),
         "tokens_per_s": w.get("tokens_per_s"),
+        "state": w.get("state"),
+        "resumes_at": w["resumes_at"].isoformat() + "Z" if w.get("resumes_at") else None,
         "heartbeat_age_s": w["heartbeat_age_s"],
     }
 
@@ -142,6 +148,8 @@ def _jobs_html(jobs: list[dict[str, Any]]) -> str:
         total = max(j["items"], 1)
         rate = "–" if j["tokens_per_s"] is None else f"{j['tokens_per_s']:.1f} tok/s"
         eta = "–" if j["eta_s"] is None else format_duration(j["eta_s"])
+        if j.get("estimate") and j["eta_s"] is not None:
+            eta = ("~" if j["estimate"]["seconds_expected"] is not None else "≤") + eta
         energy = "–" if j.get("energy_wh") is None else f"{j['energy_wh']:.2f} Wh"
         if j.get("joules_per_token") is not None:
             energy += f", {j['joules_per_token']:.2f} J/tok"
@@ -218,7 +226,8 @@ def _workers_html(workers: list[dict[str, Any]]) -> str:
     if not workers:
         return "<p class=empty>No worker has run yet: <code>executor run</code>.</p>"
     rows = "".join(
-        f"<tr><td>{escape(w['id'])}</td><td>{'live' if w['alive'] else 'gone'}</td>"
+        f"<tr><td>{escape(w['id'])}</td><td>{'live' if w['alive'] else 'gone'}"
+        f"{' — ' + escape(w['state']) if w['alive'] and w.get('state') else ''}</td>"
         f"<td>{escape(w['gpu'])}</td><td>{escape(w['model'] or '-')}</td>"
         f"<td>{w['job'] or '-'}</td><td>{w['heartbeat_age_s']:.0f} s ago</td></tr>"
         for w in workers

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from executor.config import Settings
+from executor.planning.estimate import Estimator
 from executor.serve import batches as service
 from executor.serve import page
 from executor.serve.batches import ApiError
@@ -177,12 +178,13 @@ def cancel_batch(batch_id: str, s: Served = Depends(served)) -> dict[str, Any]:
 
 @router.get("/", response_class=HTMLResponse)
 def index(s: Served = Depends(served)) -> str:
-    return page.page(page.render_sections(page.snapshot(s.db, s.settings.lease_seconds)))
+    snap = page.snapshot(s.db, s.settings.lease_seconds, Estimator(s.settings, s.db))
+    return page.page(page.render_sections(snap))
 
 
 @router.get("/api/status")
 def status(html: int = 0, s: Served = Depends(served)) -> dict[str, Any]:
-    data = page.snapshot(s.db, s.settings.lease_seconds)
+    data = page.snapshot(s.db, s.settings.lease_seconds, Estimator(s.settings, s.db))
     if html:
         data["html"] = page.render_sections(data)
     return data

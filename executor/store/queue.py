@@ -47,6 +47,8 @@ class Job:
     finished_at: datetime | None
     energy_mj: int | None = None  # what the device used working on it (None: unknown)
     energy_source: str | None = None
+    priority: int = 0  # higher runs first
+    window: str | None = None  # the hours it may run in (None: any)
 
     @property
     def failed(self) -> bool:
@@ -89,6 +91,8 @@ def create_job(
     new_items: Iterable[NewItem],
     min_vram: int | None = None,
     reuse: bool = True,
+    priority: int = 0,
+    window: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a job and all its items in one transaction (all or nothing). With `reuse`, a
     job of the same fingerprint is returned instead, found in the same transaction (SQLite:
@@ -120,6 +124,8 @@ def create_job(
                 status=JobStatus.QUEUED,
                 item_count=0,
                 min_vram=min_vram,
+                priority=priority,
+                window=window,
                 created_at=now,
             )
             .returning(jobs.c.id)
@@ -180,34 +186,13 @@ def list_jobs(db: Database, *, job_id: int | None = None, limit: int = 50) -> li
         return [_job(row) for row in conn.execute(query)]
 
 
-def next_job(
-    db: Database,
-    *,
-    job_id: int | None = None,
-    prefer_model: str | None = None,
-    vram: int | None = None,
-) -> Job | None:
-    """The job to work on next: the oldest with queued items, the loaded model's jobs first,
-    skipping jobs that ask for more GPU memory than `vram` (None: the worker has no GPU)."""
-    has_queued = (
-        sa.select(items.c.id)
-        .where(items.c.job_id == jobs.c.id, items.c.status == ItemStatus.QUEUED)
-        .exists()
-    )
-    query = sa.select(jobs).where(
-        jobs.c.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-        has_queued,
-        sa.or_(jobs.c.min_vram.is_(None), jobs.c.min_vram <= (vram or 0)),
-    )
+def waiting_items(db: Database, job_id: int | None = None) -> int:
+    """Items queued or running (of one job): the work left."""
+    query = sa.select(sa.func.count()).where(items.c.status.in_(UNFINISHED))
     if job_id is not None:
-        query = query.where(jobs.c.id == job_id)
-    order = [jobs.c.id]
-    if prefer_model is not None:
-        # Reloading a model costs seconds to minutes: finish its jobs before switching.
-        order.insert(0, sa.case((jobs.c.model == prefer_model, 0), else_=1))
+        query = query.where(items.c.job_id == job_id)
     with db.read() as conn:
-        row = conn.execute(query.order_by(*order).limit(1)).first()
-    return _job(row) if row else None
+        return conn.execute(query).scalar_one()
 
 
 def running_items(db: Database, job_id: int | None = None, owner: str | None = None) -> int:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from executor.store.db import Database
 from executor.store.queue import UNFINISHED, Job
-from executor.store.schema import ItemStatus, items, loads, results
+from executor.store.schema import ItemStatus, items, jobs, loads, results
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,84 @@ def token_timeline(db: Database, job_id: int, last: int = 5000) -> list[tuple[da
             .limit(last)
         ).all()
     return [(r[0], r[1]) for r in reversed(rows)]
+
+
+@dataclass(frozen=True)
+class PastJob:
+    """What an earlier job of a model took on one host: its span from first claim to last
+    result, its tokens, the budgets its answers had, the sequences it ran at, its energy."""
+
+    job_id: int
+    seconds: float
+    items: int
+    prompt_tokens: int
+    completion_tokens: int
+    max_tokens: int  # the done items' budgets
+    parallel: int | None  # the load most of its results ran under
+    energy_mj: int | None
+    requests: tuple[dict[str, Any], ...] = ()  # its done items' requests, in line order
+
+
+def past_jobs(
+    db: Database, model: str, host: str, *, before: int | None = None, last: int = 20
+) -> list[PastJob]:
+    """Finished jobs of `model` whose results a worker on `host` made, newest first (at most
+    `last`; only jobs before job `before` when given)."""
+    query = (
+        sa.select(jobs.c.id, jobs.c.started_at, jobs.c.energy_mj)
+        .where(jobs.c.model == model, jobs.c.started_at.is_not(None))
+        .order_by(jobs.c.id.desc())
+        .limit(last)
+    )
+    if before is not None:
+        query = query.where(jobs.c.id < before)
+    out = []
+    with db.read() as conn:
+        for job_id, started_at, energy_mj in conn.execute(query).all():
+            rows = conn.execute(
+                sa.select(
+                    results.c.created_at,
+                    results.c.prompt_tokens,
+                    results.c.completion_tokens,
+                    results.c.params,
+                    results.c.worker_id,
+                    loads.c.parallel,
+                    items.c.request,
+                )
+                .join(items, items.c.id == results.c.item_id)
+                .outerjoin(loads, loads.c.id == results.c.load_id)
+                .where(items.c.job_id == job_id)
+                .order_by(items.c.line)
+            ).all()
+            rows = [r for r in rows if (r.worker_id or "").split(":", 1)[0] == host]
+            if not rows:
+                continue
+            seconds = (max(r.created_at for r in rows) - started_at).total_seconds()
+            parallels = [r.parallel for r in rows if r.parallel]
+            out.append(
+                PastJob(
+                    job_id=job_id,
+                    seconds=max(seconds, 1e-3),
+                    items=len(rows),
+                    prompt_tokens=sum(r.prompt_tokens for r in rows),
+                    completion_tokens=sum(r.completion_tokens for r in rows),
+                    max_tokens=sum(int((r.params or {}).get("max_tokens", 0)) for r in rows),
+                    parallel=max(set(parallels), key=parallels.count) if parallels else None,
+                    energy_mj=energy_mj,
+                    requests=tuple(r.request for r in rows),
+                )
+            )
+    return out
+
+
+def unfinished_work(db: Database, job_id: int) -> list[tuple[dict[str, Any], int | None]]:
+    """The request and counted context need of every unfinished item of a job."""
+    with db.read() as conn:
+        return [
+            (row.request, row.context_need)
+            for row in conn.execute(
+                sa.select(items.c.request, items.c.context_need).where(
+                    items.c.job_id == job_id, items.c.status.in_(UNFINISHED)
+                )
+            )
+        ]

@@ -77,6 +77,10 @@ jobs = sa.Table(
     # or RAPL on the CPU), summed over its batches; NULL: not measured.
     sa.Column("energy_mj", sa.BigInteger, nullable=True),
     sa.Column("energy_source", sa.String(32), nullable=True),  # "nvml:GPU-…", "rapl"
+    # Higher runs first (submit --priority, `executor priority`); 0 by default.
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    # The hours the job may run in, local time ("22:00-07:00"; None: any time).
+    sa.Column("window", sa.String(200), nullable=True),
 )
 
 items = sa.Table(
@@ -239,6 +243,21 @@ workers = sa.Table(
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("heartbeat_at", sa.DateTime, nullable=False),
     sa.Column("stopped_at", sa.DateTime, nullable=True),
+    # What it does now when not working: "outside its window", "paused", "yielding the GPU
+    # to pid 4242"; and when it expects to resume (None: when told, or unknown).
+    sa.Column("state", sa.String(200), nullable=True),
+    sa.Column("resumes_at", sa.DateTime, nullable=True),
+    # The scheduler that started it: "slurm job 4242 task 3", "kubernetes pod w-0".
+    sa.Column("scheduler", sa.String(200), nullable=True),
+)
+
+# `executor pause`: workers matching a target ("*", a worker id, or a host) stop working,
+# unload, and wait until `executor resume` deletes the row.
+pauses = sa.Table(
+    "pauses",
+    metadata,
+    sa.Column("target", sa.String(200), primary_key=True),
+    sa.Column("paused_at", sa.DateTime, nullable=False),
 )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from executor.store.db import Database
-from executor.store.schema import rate_samples, utcnow, workers
+from executor.store.schema import pauses, rate_samples, utcnow, workers
 
 
 def register(
@@ -20,6 +20,7 @@ def register(
     gpu_name: str | None,
     vram_total: int | None,
     pid: int,
+    scheduler: str | None = None,
 ) -> None:
     """Record that this worker (host + GPU) has started (replacing its last run's row)."""
     now = utcnow()
@@ -33,6 +34,8 @@ def register(
                 gpu_name=gpu_name,
                 vram_total=vram_total,
                 pid=pid,
+                scheduler=scheduler,
+                state="starting",
                 started_at=now,
                 heartbeat_at=now,
             )
@@ -70,6 +73,8 @@ def stopped(db: Database, worker_id: str) -> None:
                 job_id=None,
                 tokens_in_flight=None,
                 items_in_flight=None,
+                state="stopped",
+                resumes_at=None,
             )
         )
 
@@ -120,3 +125,37 @@ def rate_samples_of(db: Database, job_id: int, last: int = 5000) -> list[tuple[s
             .limit(last)
         ).all()
     return [(r[0], r[1], r[2]) for r in reversed(rows)]
+
+
+def pause(db: Database, target: str) -> bool:
+    """Pause the workers `target` names ("*": every one; a worker id; a host). False if it
+    was paused already."""
+    with db.write() as conn:
+        if conn.execute(sa.select(pauses.c.target).where(pauses.c.target == target)).first():
+            return False
+        conn.execute(sa.insert(pauses).values(target=target, paused_at=utcnow()))
+    return True
+
+
+def resume(db: Database, target: str | None) -> int:
+    """Lift the pause of `target` (None: every pause); how many were lifted."""
+    query = sa.delete(pauses)
+    if target is not None:
+        query = query.where(pauses.c.target == target)
+    with db.write() as conn:
+        return conn.execute(query).rowcount
+
+
+def paused(db: Database, worker_id: str, host: str) -> str | None:
+    """The pause that applies to this worker (its target), or None."""
+    with db.read() as conn:
+        return conn.execute(
+            sa.select(pauses.c.target)
+            .where(pauses.c.target.in_(["*", worker_id, host]))
+            .order_by(pauses.c.paused_at)
+        ).scalar()
+
+
+def pause_list(db: Database) -> list[dict[str, Any]]:
+    with db.read() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.select(pauses).order_by(pauses.c.target))]
