@@ -43,6 +43,8 @@ test: setup
 	scripts/ensure-postgres
 	@# The status page's test drives a real headless Chromium (Debian's package).
 	scripts/ensure-browser
+	@# The cluster tests start a one-node Slurm of their own (Debian's slurm-wlm and munge).
+	scripts/ensure-slurm
 	@# What ships is what is tested: the wheel, installed in a clean venv, run from there.
 	scripts/smoke-wheel $(VENV)
 	$(BIN)/python -m pytest
@@ -59,6 +61,8 @@ bench: setup
 	$(BIN)/python benchmarks/claims.py
 	$(BIN)/python benchmarks/threads.py
 	$(BIN)/python benchmarks/estimate.py
+	@# Needs a PostgreSQL server's programs (scripts/ensure-postgres).
+	$(BIN)/python benchmarks/wake.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -260,6 +260,9 @@ OPTIONS: dict[str, Option] = {
     "yield_gpu_quiet": Option(
         _float(0), 120.0, "with yield_gpu: seconds the card must be free before resuming"
     ),
+    "wake_on_notify": Option(
+        _bool, True, "PostgreSQL: idle workers wake the moment work is queued (LISTEN/NOTIFY)"
+    ),
     "max_model_wait": Option(
         _float(0), 7200.0, "seconds a job of another model waits before it beats the loaded one"
     ),
@@ -311,6 +314,7 @@ class Settings:
     yield_gpu_min: int
     yield_gpu_quiet: float
     max_model_wait: float
+    wake_on_notify: bool
     log_format: str
     max_tokens: int
     max_line_bytes: int

@@ -123,8 +123,8 @@ class Window:
             at = closes
 
 
-def local(moment: datetime | None) -> str:
-    """`Thu 04:00` in the machine's local time, for messages."""
+def local(moment: datetime | None, *, seconds: bool = False) -> str:
+    """`Thu 04:00` (`Thu 04:00:30`) in the machine's local time, for messages."""
     if moment is None:
         return "?"
-    return moment.astimezone(local_zone()).strftime("%a %H:%M")
+    return moment.astimezone(local_zone()).strftime("%a %H:%M:%S" if seconds else "%a %H:%M")

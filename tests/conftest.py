@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from executor.store import Database, open_database
 from tests.helpers import run_cli
 from tests.pg_server import PgDatabases, PgServer
 from tests.serving import Server
+from tests.slurm_cluster import SlurmCluster
 from tests.synthetic_gguf import write_tiny_gguf
 
 
@@ -117,3 +119,15 @@ def server(db_path: Path, models_config: Path) -> Iterator[Server]:
     s = Server(db_path)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """A one-node Slurm cluster for the session (scripts/ensure-slurm); skipped, saying why,
+    only where it cannot start (not root, no packages to be had)."""
+    try:
+        cluster = SlurmCluster()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"Slurm cannot start here: {exc}")
+    yield cluster
+    cluster.stop()

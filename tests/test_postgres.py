@@ -6,12 +6,13 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from executor.store import open_database
+from executor.store import notify, open_database
 from executor.store.db import head_revision
 from executor.store.schema import metadata
 from tests.helpers import run_cli, start_cli, submit_rows, wait_for, write_jsonl
@@ -140,3 +141,45 @@ def test_jobs_can_require_vram(tmp_path, pg_url, tiny_model):
     started = time.monotonic()
     run_cli("run", "--until-empty", "--job", job, "--db", pg_url, env=big, check=True)
     assert counts(pg_url).get("done") == 1 and time.monotonic() - started < 60
+
+
+def test_an_idle_worker_wakes_on_new_work_not_at_its_next_poll(tmp_path, pg_url, tiny_model):
+    """The worker polls every 600 s: an item done within a minute of its submit was claimed
+    because the submit's NOTIFY woke it."""
+    env = {"EXECUTOR_ENGINE": "fake", "EXECUTOR_POLL_SECONDS": "600", "EXECUTOR_DB": pg_url}
+    worker = start_cli("run", db_path=Path("unused"), env=env)
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+
+            def idle() -> bool:
+                row = conn.exec_driver_sql("SELECT state FROM workers").first()
+                conn.rollback()
+                return row is not None and row[0] == "idle"
+
+            wait_for(idle, what="the worker idle")
+        submit_rows(tmp_path, None, tiny_model, [{"prompt": "wake up"}], "--db", pg_url)
+        wait_for(lambda: counts(pg_url).get("done") == 1, timeout=60, what="the item done")
+    finally:
+        engine.dispose()
+        worker.terminate()
+        worker.communicate(timeout=60)
+
+
+def test_announcements_while_busy_wake_a_waiter_once(pg_url):
+    """Five announcements that came while the worker was busy: the next wait returns at once,
+    and the one after waits (no five spurious claims); SQLite has nothing to listen to."""
+    db = open_database(pg_url)
+    waiter = notify.Waiter(db)
+    try:
+        assert waiter.wait(0.01) is False  # now listening
+        for _ in range(5):
+            with db.write() as conn:
+                notify.announce(conn)
+        assert waiter.wait(30) is True
+        assert waiter.wait(0.5) is False
+        stopped = waiter.wait(30, stop=lambda: True)  # a signal ends the wait at once
+        assert stopped is False
+    finally:
+        waiter.close()
+        db.dispose()

@@ -53,7 +53,10 @@ def test_the_page_shows_progress_moving_without_console_errors(db_path, job, tmp
     card = json.dumps([{"name": "NVIDIA RTX 3060", "uuid": "GPU-fake-0", "total": 12 * 2**30,
                         "watts": 170}])  # fmt: skip
     env = {"EXECUTOR_ENGINE": "fake", "EXECUTOR_FAKE_TOKEN_SECONDS": "0.15",
-           "EXECUTOR_PARALLEL": "2", "EXECUTOR_FAKE_NVML": card}  # fmt: skip
+           "EXECUTOR_PARALLEL": "2", "EXECUTOR_FAKE_NVML": card,
+           # As a Slurm array task: the page says which one (its end time an hour away).
+           "SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3",
+           "SLURM_JOB_END_TIME": str(int(time.time()) + 3600)}  # fmt: skip
     worker = start_cli("run", "--until-empty", db_path=db_path, env=env)
     driver = browser()
     try:
@@ -66,6 +69,7 @@ def test_the_page_shows_progress_moving_without_console_errors(db_path, job, tmp
             assert time.monotonic() < deadline, f"progress stayed {first!r}"
             time.sleep(0.5)
         assert "live" in driver.find_element(By.ID, "workers").text
+        assert "slurm job 4242_3" in driver.find_element(By.ID, "workers").text
         assert "updated" in driver.find_element(By.ID, "updated").text
         assert driver.find_elements(By.CSS_SELECTOR, "#vram svg.vram rect")
         assert driver.find_elements(By.CSS_SELECTOR, "#loads tbody tr")

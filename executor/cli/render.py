@@ -221,6 +221,8 @@ def format_workers(rows: list[dict[str, Any]]) -> str:
             f"{r['tokens_per_s'] if r['tokens_per_s'] is not None else '-':>7} "
             f"{r['heartbeat_age_s']:>7.0f}s  "
             f"{printable(Path(r['model']).name) if r['model'] else '-'}"
+            # Which Slurm task or pod this is: where its log lives, what to scancel.
+            + (f"  ({printable(r['scheduler'])})" if r.get("scheduler") else "")
         )
     return "\n".join(lines + worker_states(rows))
 

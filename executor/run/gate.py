@@ -104,7 +104,7 @@ class Gate:
             return None
         return Closed(
             "deadline",
-            f"the scheduler ends this job at {local(self.ends_at)}: stopping in time "
+            f"the scheduler ends this job at {local(self.ends_at, seconds=True)}: stopping in time "
             "(its items in flight finish, the rest stay queued)",
         )
 

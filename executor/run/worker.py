@@ -32,6 +32,7 @@ from executor.run.loader import Loaded, ModelLoader
 from executor.store import Database, queue, results, schedule
 from executor.store import workers as registry
 from executor.store.locks import worker_lock
+from executor.store.notify import Waiter
 from executor.store.queue import Job
 from executor.windows import Window, local
 
@@ -110,6 +111,7 @@ class Worker:
             ends_at=scheduler.end_time() if self.scheduled else None,
         )  # fmt: skip
         self.closed: Closed | None = None  # why the worker does not work now
+        self.waiter = Waiter(db, listen=settings.wake_on_notify)  # idle: woken by new work
         self._windows: dict[str, Window] = {}  # job windows, parsed once
         self._outranked_at = 0.0  # last look for a job of higher priority
 
@@ -141,13 +143,15 @@ class Worker:
             )
             if self.gate.ends_at is not None:
                 log.info("the scheduler ends this job at %s: claiming stops at %s",
-                         local(self.gate.ends_at), local(self.gate.stop_by))  # fmt: skip
+                         local(self.gate.ends_at, seconds=True),
+                         local(self.gate.stop_by, seconds=True))  # fmt: skip
             try:
                 self._loop()
             except DatabaseGone:
                 self.kill()  # nothing more is written: the database is not ours any more
                 raise
             finally:
+                self.waiter.close()
                 if not self.db.gone:
                     self._end_job()
                     self._unload()
@@ -420,9 +424,9 @@ class Worker:
         return self.options.max_items is not None and self.finished() >= self.options.max_items
 
     def _sleep(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < end:
-            time.sleep(min(0.2, end - time.monotonic()))
+        """Wait up to `seconds`: less when work is queued meanwhile (PostgreSQL's NOTIFY) or
+        a signal comes."""
+        self.waiter.wait(seconds, stop=lambda: self.stopping)
 
 
 def run_worker(

@@ -86,6 +86,7 @@ def _worker(w: dict[str, Any]) -> dict[str, Any]:
         "state": w.get("state"),
         "resumes_at": w["resumes_at"].isoformat() + "Z" if w.get("resumes_at") else None,
         "heartbeat_age_s": w["heartbeat_age_s"],
+        "scheduler": w.get("scheduler"),
     }
 
 
@@ -226,7 +227,9 @@ def _workers_html(workers: list[dict[str, Any]]) -> str:
     if not workers:
         return "<p class=empty>No worker has run yet: <code>executor run</code>.</p>"
     rows = "".join(
-        f"<tr><td>{escape(w['id'])}</td><td>{'live' if w['alive'] else 'gone'}"
+        f"<tr><td>{escape(w['id'])}"
+        f"{'<br><small>' + escape(w['scheduler']) + '</small>' if w.get('scheduler') else ''}"
+        f"</td><td>{'live' if w['alive'] else 'gone'}"
         f"{' — ' + escape(w['state']) if w['alive'] and w.get('state') else ''}</td>"
         f"<td>{escape(w['gpu'])}</td><td>{escape(w['model'] or '-')}</td>"
         f"<td>{w['job'] or '-'}</td><td>{w['heartbeat_age_s']:.0f} s ago</td></tr>"

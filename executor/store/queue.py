@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from executor.errors import NotFoundError, UnstorableResult
 from executor.outcomes import FailCode, ResultRecord
 from executor.store.db import Database
+from executor.store.notify import announce
 from executor.store.schema import (
     ItemStatus,
     JobStatus,
@@ -155,6 +156,7 @@ def create_job(
             count += len(chunk)
         conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(item_count=count))
         _finish_job_if_complete(conn, job_id, now)
+        announce(conn)  # idle workers claim at once (PostgreSQL)
         row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
     return _job(row), True
 
@@ -247,6 +249,7 @@ def retry_job(db: Database, job_id: int) -> int:
                 .where(jobs.c.id == job_id)
                 .values(status=JobStatus.QUEUED, error=None, finished_at=None)
             )
+            announce(conn)
     return n
 
 
@@ -443,9 +446,10 @@ def release(
                         **cleared,
                     )
                 )
-        conn.execute(
+        if conn.execute(
             sa.update(items).where(mine).values(status=ItemStatus.QUEUED, error=error, **cleared)
-        )
+        ).rowcount:
+            announce(conn)
         for job_id in {
             r for r in conn.execute(sa.select(items.c.job_id).where(items.c.id.in_(ids))).scalars()
         }:
@@ -469,11 +473,14 @@ def reclaim_stale(db: Database, *, everything: bool = False, owner: str | None =
             expired = sa.or_(expired, items.c.lease_owner == owner)
         stale = sa.and_(stale, expired)
     with db.write() as conn:
-        return conn.execute(
+        returned = conn.execute(
             sa.update(items)
             .where(stale)
             .values(status=ItemStatus.QUEUED, lease_owner=None, lease_until=None, updated_at=now)
         ).rowcount
+        if returned:
+            announce(conn)
+    return returned
 
 
 def _check_storable(text: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from executor.store.db import Database
+from executor.store.notify import announce
 from executor.store.schema import pauses, rate_samples, utcnow, workers
 
 
@@ -143,7 +144,10 @@ def resume(db: Database, target: str | None) -> int:
     if target is not None:
         query = query.where(pauses.c.target == target)
     with db.write() as conn:
-        return conn.execute(query).rowcount
+        lifted = conn.execute(query).rowcount
+        if lifted:
+            announce(conn)  # paused workers wait for work: they go on at once
+    return lifted
 
 
 def paused(db: Database, worker_id: str, host: str) -> str | None:
