@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,38 @@ def upload(client: OpenAI, tmp_path: Path, lines: list[str], name: str = "reques
     path.write_text("\n".join(lines) + "\n")
     with open(path, "rb") as f:
         return client.files.create(file=f, purpose="batch")
+
+
+@dataclass
+class StoredBatch:
+    """A batch made through the store as the server makes one, with no server running."""
+
+    settings: Any
+    db: Any
+    files: Any
+    input_row: Any
+    batch: Any
+
+
+def stored_batch(tmp_path: Path, db_path: Path, lines: list[str]) -> StoredBatch:
+    """Store `lines` as an uploaded file, create a batch of it and validate it (its job is
+    queued). The caller disposes of `.db`."""
+    from executor.config import load_settings
+    from executor.serve import batches as service
+    from executor.serve.files import FileStore
+    from executor.store import api, open_database
+
+    settings = load_settings({"db": str(db_path)})
+    db = open_database(settings.db_url, create=True)
+    files = FileStore(tmp_path / "files")
+    row = api.reserve_file(db, filename="in.jsonl", purpose="batch")
+    with files.open_new(row.id) as f:
+        f.write("".join(line + "\n" for line in lines).encode())
+    api.finish_file(db, row.id, files.path(row.id).stat().st_size)
+    batch = api.create_batch(db, input_file_id=row.public_id, endpoint="/v1/chat/completions",
+                             completion_window="24h", metadata=None, lease_seconds=60)  # fmt: skip
+    service.validate(db, settings, files, batch)
+    return StoredBatch(settings, db, files, row, batch)
 
 
 def wait_for(client: OpenAI, batch_id: str, states: set[str], timeout: float = 240):

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.helpers import query, read_jsonl, run_cli, run_cli_process, start_cli
-from tests.serving import KEY, Server, chat_line, free_port, upload, wait_for
+from tests.serving import KEY, Server, chat_line, free_port, stored_batch, upload, wait_for
 
 
 def test_openai_client_round_trip_on_the_default_model(tmp_path, db_path, server):
@@ -359,21 +359,11 @@ def test_a_batch_validated_twice_is_one_job_and_one_file_in_two_batches_is_two(
 ):
     """A server stopped between submitting a batch's job and marking the batch finds the same
     job when it validates again; the same bytes in two batches are two jobs."""
-    from executor.config import load_settings
     from executor.serve import batches as service
-    from executor.serve.files import FileStore
-    from executor.store import api, open_database
+    from executor.store import api
 
-    settings = load_settings({"db": str(db_path)})
-    db = open_database(settings.db_url, create=True)
-    files = FileStore(tmp_path / "files")
-    row = api.reserve_file(db, filename="in.jsonl", purpose="batch")
-    with files.open_new(row.id) as f:
-        f.write((chat_line(0) + "\n").encode())
-    api.finish_file(db, row.id, files.path(row.id).stat().st_size)
-    first = api.create_batch(db, input_file_id=row.public_id, endpoint="/v1/chat/completions",
-                             completion_window="24h", metadata=None, lease_seconds=60)  # fmt: skip
-    service.validate(db, settings, files, first)
+    made = stored_batch(tmp_path, db_path, [chat_line(0)])
+    settings, db, files, row, first = made.settings, made.db, made.files, made.input_row, made.batch
     again = api.get_batch(db, first.public_id)
     assert again is not None and again.state == "submitted"
     api.update_batch(db, first.id, state="validating", job_id=None)  # as if never marked
@@ -384,6 +374,7 @@ def test_a_batch_validated_twice_is_one_job_and_one_file_in_two_batches_is_two(
     service.validate(db, settings, files, second)
     assert api.get_batch(db, second.public_id).job_id != again.job_id
     assert query(db_path, "SELECT count(*) FROM jobs") == [(2,)]
+    db.dispose()
 
 
 def test_a_port_in_use_is_one_clear_line(db_path, server):

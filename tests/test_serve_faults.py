@@ -18,7 +18,7 @@ from executor.serve import batches as service
 from executor.serve.files import FileStore
 from executor.store import api, open_database
 from tests.helpers import query, run_cli, run_cli_process, start_cli, wait_for
-from tests.serving import KEY, Server, chat_line, upload
+from tests.serving import KEY, Server, chat_line, stored_batch, upload
 from tests.serving import wait_for as wait_for_batch
 
 FAKE = {"EXECUTOR_ENGINE": "fake"}
@@ -126,16 +126,8 @@ def test_a_full_disk_while_finalizing_is_retried_and_writes_once(
 ):
     """The export fails (ENOSPC) once: the batch stays finalizing with no file rows or bytes
     left behind; the next round writes the output once."""
-    settings = load_settings({"db": str(db_path)})
-    db = open_database(settings.db_url, create=True)
-    files = FileStore(tmp_path / "files")
-    row = api.reserve_file(db, filename="in.jsonl", purpose="batch")
-    with files.open_new(row.id) as f:
-        f.write((chat_line(0) + "\n" + chat_line(1, n=2) + "\n").encode())
-    api.finish_file(db, row.id, files.path(row.id).stat().st_size)
-    batch = api.create_batch(db, input_file_id=row.public_id, endpoint="/v1/chat/completions",
-                             completion_window="24h", metadata=None, lease_seconds=60)  # fmt: skip
-    service.validate(db, settings, files, batch)
+    made = stored_batch(tmp_path, db_path, [chat_line(0), chat_line(1, n=2)])
+    settings, db, files, row, batch = made.settings, made.db, made.files, made.input_row, made.batch
     run_cli_process("run", "--until-empty", db_path=db_path, env=FAKE, check=True)
 
     real_export = service.export_job
@@ -168,16 +160,8 @@ def test_a_full_disk_while_finalizing_is_retried_and_writes_once(
 
 
 def test_a_finalization_cut_short_by_a_dead_server_is_taken_up(tmp_path, db_path, models_config):
-    settings = load_settings({"db": str(db_path)})
-    db = open_database(settings.db_url, create=True)
-    files = FileStore(tmp_path / "files")
-    row = api.reserve_file(db, filename="in.jsonl", purpose="batch")
-    with files.open_new(row.id) as f:
-        f.write((chat_line(0) + "\n").encode())
-    api.finish_file(db, row.id, files.path(row.id).stat().st_size)
-    batch = api.create_batch(db, input_file_id=row.public_id, endpoint="/v1/chat/completions",
-                             completion_window="24h", metadata=None, lease_seconds=60)  # fmt: skip
-    service.validate(db, settings, files, batch)
+    made = stored_batch(tmp_path, db_path, [chat_line(0)])
+    settings, db, files, batch = made.settings, made.db, made.files, made.batch
     run_cli_process("run", "--until-empty", db_path=db_path, env=FAKE, check=True)
     # A server took it, reserved its output file and died: lease and reservation linger.
     assert api.take_batch(db, batch.id, states=("submitted",), lease_seconds=60)

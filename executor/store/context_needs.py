@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from executor.store.db import Database
-from executor.store.queue import UNFINISHED, ClaimedItem
+from executor.store.queue import CLAIMED_COLUMNS, UNFINISHED, ClaimedItem
 from executor.store.schema import items
 
 
@@ -15,14 +15,7 @@ def items_to_count(
 ) -> list[ClaimedItem]:
     """Unfinished items of a job whose context need is not counted yet, by id."""
     query = (
-        sa.select(
-            items.c.id,
-            items.c.job_id,
-            items.c.line,
-            items.c.custom_id,
-            items.c.request,
-            items.c.attempts,
-        )
+        sa.select(*CLAIMED_COLUMNS)
         .where(
             items.c.job_id == job_id,
             items.c.status.in_(UNFINISHED),

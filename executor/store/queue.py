@@ -67,6 +67,17 @@ class ClaimedItem:
     attempts: int
 
 
+# The columns a ClaimedItem is built from, in its fields' order.
+CLAIMED_COLUMNS = (
+    items.c.id,
+    items.c.job_id,
+    items.c.line,
+    items.c.custom_id,
+    items.c.request,
+    items.c.attempts,
+)
+
+
 @dataclass(frozen=True)
 class NewItem:
     line: int
@@ -315,14 +326,7 @@ def claim(
                 lease_until=now + timedelta(seconds=lease_seconds),
                 updated_at=now,
             )
-            .returning(
-                items.c.id,
-                items.c.job_id,
-                items.c.line,
-                items.c.custom_id,
-                items.c.request,
-                items.c.attempts,
-            )
+            .returning(*CLAIMED_COLUMNS)
         ).all()
         if rows:
             conn.execute(
