@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -182,4 +184,69 @@ def test_announcements_while_busy_wake_a_waiter_once(pg_url):
         assert stopped is False
     finally:
         waiter.close()
+        db.dispose()
+
+
+def _hold_hash(conn: sa.Connection) -> None:
+    from executor.store.schema import model_files, utcnow
+    from executor.store.upsert import upsert
+
+    row = {"path": "/m.gguf", "size": 1, "mtime_ns": 1, "sha256": "a" * 64}
+    upsert(conn, model_files, {**row, "hashed_at": utcnow()})
+
+
+def _hold_pause(conn: sa.Connection) -> None:
+    from executor.store.schema import pauses, utcnow
+    from executor.store.upsert import insert_if_absent
+
+    assert insert_if_absent(conn, pauses, {"target": "*", "paused_at": utcnow()})
+
+
+def _hash_again(db) -> bool:
+    from executor.store import model_hashes
+
+    model_hashes.remember_sha256(db, "/m.gguf", 1, 1, "b" * 64)
+    return model_hashes.cached_sha256(db, "/m.gguf", 1, 1) == "b" * 64
+
+
+def _pause_again(db) -> bool:
+    from executor.store import workers as registry
+
+    return registry.pause(db, "*") is False and registry.paused(db, "w", "h") == "*"
+
+
+@pytest.mark.parametrize(
+    "hold, second", [(_hold_hash, _hash_again), (_hold_pause, _pause_again)], ids=["hash", "pause"]
+)
+def test_two_writers_of_one_key_at_once_do_not_collide(pg_url, hold, second):
+    """Four workers hash the same model file at once; two shells pause at once. The first
+    writer holds the key uncommitted while the second writes it (seen waiting on the lock
+    before the first commits): the second replaces the row, or finds the pause there, where
+    a delete + insert (or a look, then an insert) failed on the duplicate key."""
+    db = open_database(pg_url, create=True)
+    outcome: list[object] = []
+
+    def write() -> None:
+        try:
+            outcome.append(second(db))
+        except Exception as exc:  # asserted below: there must be none
+            outcome.append(exc)
+
+    def waiting() -> bool:
+        query = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                 "AND datname = current_database()")  # fmt: skip
+        with db.engine.connect() as conn:
+            return bool(conn.exec_driver_sql(query).scalar())
+
+    try:
+        with db.engine.connect() as conn:
+            tx = conn.begin()
+            hold(conn)  # uncommitted: the key is locked
+            writer = threading.Thread(target=write)
+            writer.start()
+            wait_for(waiting, timeout=30, what="the second writer waiting on the key")
+            tx.commit()
+            writer.join(timeout=30)
+        assert outcome == [True]
+    finally:
         db.dispose()

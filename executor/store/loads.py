@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from executor.store.db import Database
 from executor.store.schema import LoadOutcome, decode_rates, known_configs, loads, utcnow
+from executor.store.upsert import upsert
 
 
 @dataclass(frozen=True)
@@ -113,15 +114,8 @@ def known_placement(db: Database, key: ConfigKey) -> dict[str, Any] | None:
 def remember_placement(db: Database, key: ConfigKey, placement: dict[str, Any]) -> None:
     """Store the placement that works on this configuration (replacing the old one)."""
     with db.write() as conn:
-        conn.execute(sa.delete(known_configs).where(key.where(known_configs)))
-        conn.execute(
-            sa.insert(known_configs).values(
-                **asdict(key),
-                n_gpu_layers=placement["n_gpu_layers"],
-                placement=placement,
-                updated_at=utcnow(),
-            )
-        )
+        row = {"n_gpu_layers": placement["n_gpu_layers"], "placement": placement}
+        upsert(conn, known_configs, {**asdict(key), **row, "updated_at": utcnow()})
 
 
 def measured_excess(db: Database, key: ConfigKey) -> int:
@@ -161,22 +155,15 @@ def remember_decode_rates(
     db: Database, model_sha256: str, host: str, threads: int, rates: dict[int, float]
 ) -> None:
     """Keep what a load measured (replacing an older measurement)."""
-    key = (
-        decode_rates.c.model_sha256 == model_sha256,
-        decode_rates.c.host == host,
-        decode_rates.c.threads == threads,
-    )
+    row = {
+        "model_sha256": model_sha256,
+        "host": host,
+        "threads": threads,
+        "rates": {str(n): round(r, 2) for n, r in sorted(rates.items())},
+        "measured_at": utcnow(),
+    }
     with db.write() as conn:
-        conn.execute(sa.delete(decode_rates).where(*key))
-        conn.execute(
-            sa.insert(decode_rates).values(
-                model_sha256=model_sha256,
-                host=host,
-                threads=threads,
-                rates={str(n): round(r, 2) for n, r in sorted(rates.items())},
-                measured_at=utcnow(),
-            )
-        )
+        upsert(conn, decode_rates, row)
 
 
 def recent_loads(db: Database, limit: int = 20) -> list[dict[str, Any]]:

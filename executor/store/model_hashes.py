@@ -6,6 +6,7 @@ import sqlalchemy as sa
 
 from executor.store.db import Database
 from executor.store.schema import model_files, utcnow
+from executor.store.upsert import upsert
 
 
 def cached_sha256(db: Database, path: str, size: int, mtime_ns: int) -> str | None:
@@ -23,9 +24,5 @@ def cached_sha256(db: Database, path: str, size: int, mtime_ns: int) -> str | No
 def remember_sha256(db: Database, path: str, size: int, mtime_ns: int, sha256: str) -> None:
     """Record (or replace) the hash of a model file version."""
     with db.write() as conn:
-        conn.execute(sa.delete(model_files).where(model_files.c.path == path))
-        conn.execute(
-            sa.insert(model_files).values(
-                path=path, size=size, mtime_ns=mtime_ns, sha256=sha256, hashed_at=utcnow()
-            )
-        )
+        row = {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}
+        upsert(conn, model_files, {**row, "hashed_at": utcnow()})

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from executor.store.db import Database
 from executor.store.notify import announce
 from executor.store.schema import pauses, rate_samples, utcnow, workers
+from executor.store.upsert import insert_if_absent
 
 
 def register(
@@ -132,10 +133,7 @@ def pause(db: Database, target: str) -> bool:
     """Pause the workers `target` names ("*": every one; a worker id; a host). False if it
     was paused already."""
     with db.write() as conn:
-        if conn.execute(sa.select(pauses.c.target).where(pauses.c.target == target)).first():
-            return False
-        conn.execute(sa.insert(pauses).values(target=target, paused_at=utcnow()))
-    return True
+        return insert_if_absent(conn, pauses, {"target": target, "paused_at": utcnow()})
 
 
 def resume(db: Database, target: str | None) -> int:
