@@ -371,6 +371,28 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def undecodable(value: Any) -> bool:
+    """Text (or a list of texts) holding bytes the locale could not decode: a Latin-1 file
+    name, a stray byte in a variable. Python keeps them as lone surrogates, which nothing can
+    store or print."""
+    values = value if isinstance(value, list | tuple) else [value]
+    for text in values:
+        if isinstance(text, str) and not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
+def not_utf8(where: str) -> ConfigError:
+    return ConfigError(
+        f"{where}: not valid UTF-8 text (a byte of another encoding)",
+        hint="executor keeps settings and paths as UTF-8: rename the file or write the value "
+        "in UTF-8",
+    )
+
+
 def load_settings(
     flags: Mapping[str, Any] | None = None,
     *,
@@ -419,6 +441,8 @@ def load_settings(
 
 
 def _parse(key: str, raw: Any, where: str) -> Any:
+    if undecodable(raw):
+        raise not_utf8(where)
     try:
         return OPTIONS[key].parse(raw)
     except ValueError as exc:

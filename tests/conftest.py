@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from executor import redact
 from executor.gguf.models import DEFAULT_MODEL, default_model_candidates
 from executor.store import Database, open_database
 from tests.helpers import run_cli
@@ -34,6 +35,9 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     # Plans for a fake GPU on this CPU-only build plan for the GPU; tests/test_gpu_build.py
     # drops this to see what a user with a card and a CPU build sees.
     monkeypatch.setenv("EXECUTOR_FAKE_GPU_OFFLOAD", "1")
+    # Passwords an in-process command remembered are masked for the rest of the process: a
+    # test's random password ("0000") must not mask the next test's output.
+    monkeypatch.setattr(redact, "_known", set())
     for kind in ("DATA", "STATE", "CONFIG", "CACHE"):
         folder = tmp_path / "xdg" / kind.lower()
         folder.mkdir(parents=True)

@@ -721,3 +721,24 @@ def test_folders_made_for_results_are_private_whatever_the_umask(tmp_path, db_pa
     for folder in (tmp_path / "a", tmp_path / "a" / "b"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_bytes_of_another_encoding_are_refused_by_name(tmp_path, db_path):
+    """A Latin-1 file name or variable reaches Python as lone surrogates, which cannot be
+    stored or printed: each is exit 2 naming the argument, flag or variable, not an
+    internal error."""
+    latin1 = os.fsdecode(b"caf\xe9")  # what the shell passes for a Latin-1 name
+    prompts = tmp_path / f"{latin1}.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    for args, env, named in (
+        (("submit", str(prompts)), {}, "FILE"),
+        (("submit", "-", "--name", latin1), {}, "--name"),
+        (("export", "1", "-o", str(tmp_path / f"{latin1}.out")), {}, "--output"),
+        (("status",), {"EXECUTOR_MODEL": latin1}, "EXECUTOR_MODEL"),
+        (("status",), {"EXECUTOR_DB": str(tmp_path / f"{latin1}.db")}, "EXECUTOR_DB"),
+    ):
+        env = {"EXECUTOR_DB": str(db_path), **env}
+        done = run_cli_process(*args, env=env, input='{"prompt": "x"}\n')
+        assert done.returncode == 2, (args, done.stderr)
+        assert f"{named}: not valid UTF-8" in done.stderr and "internal" not in done.stderr
+    assert not db_path.exists()  # nothing was queued

@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from executor.redact import mask_url, redact, remember
@@ -44,6 +44,10 @@ def commands(tmp_path: Path) -> list[tuple[str, ...]]:
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(password=PASSWORDS, encoded=st.booleans())
+# Found by this property: an unencoded @ before a character that is no host name's, and
+# one before a /, made the rest read as a host or a database.
+@example(password="0000@\x80", encoded=False)
+@example(password="ab@cd/ef", encoded=False)
 def test_no_printed_line_holds_the_password(tmp_path, password, encoded):
     secret = quote(password, safe="") if encoded else password
     url = f"postgresql+psycopg://ex:{secret}@127.0.0.1:1/executor"
@@ -86,3 +90,17 @@ def test_a_url_that_cannot_be_read_is_exit_2_with_the_encoding_hint(db_path):
     assert "Hunter2" not in done.stderr and "MySecretPass99" not in done.stderr
     shown = run_cli("config", "show", env={"EXECUTOR_DB": url}).stdout
     assert "MySecretPass99" not in shown and "postgresql+psycopg://***@127.0.0.1/executor" in shown
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("postgresql+psycopg://ex:0000@\x80@127.0.0.1:1/x", "cannot be read"),
+        ("postgresql+psycopg://ex:ab@cd/ef@127.0.0.1:1/x", "cannot be read"),
+        ("postgresql+psycopg://ex@\x80host/x", "names a host that cannot be one"),
+    ],
+)
+def test_a_url_whose_host_cannot_be_one_is_exit_2(url, says):
+    done = run_cli("status", env={"EXECUTOR_DB": url, "EXECUTOR_DEBUG": ""})
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert "0000" not in done.stderr and "ab@cd" not in done.stderr

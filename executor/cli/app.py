@@ -10,13 +10,14 @@ import functools
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 
 from executor.cli.logs import setup_logging
-from executor.config import Settings, load_settings
+from executor.config import Settings, load_settings, not_utf8, undecodable
 from executor.errors import DiskError, ExecutorError, ExitCode, InputError
 from executor.redact import printable, redact
 from executor.store import Database, open_database
@@ -50,6 +51,17 @@ app.add_typer(config_app, name="config")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _written(func: Callable[..., Any], key: str) -> str:
+    """How a user writes parameter `key` of a command: FILE for an argument, else --key."""
+    try:
+        hint = typing.get_type_hints(func, include_extras=True).get(key)
+    except Exception:  # only for a message: the plain form will do
+        hint = None
+    if any(isinstance(m, typer.models.ArgumentInfo) for m in getattr(hint, "__metadata__", ())):
+        return key.upper()
+    return "--" + key.replace("_", "-")
+
+
 def command(
     typer_app: typer.Typer = app, name: str | None = None, **options: Any
 ) -> Callable[[F], F]:
@@ -59,6 +71,9 @@ def command(
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
+                for key, value in kwargs.items():
+                    if undecodable(value):
+                        raise not_utf8(_written(func, key))
                 try:
                     return func(*args, **kwargs)
                 except OSError as exc:

@@ -270,16 +270,22 @@ def _checked_url(url: str) -> sa.URL:
         parsed = sa.make_url(url)
     except (sa.exc.ArgumentError, ValueError):
         if "://" in url and "@" in url.split("://", 1)[1]:
-            raise UsageError(
-                f"the database URL {mask_url(url)!r} cannot be read (its password or user "
-                "name holds a character that ends a URL part: @ : / ? # or %)",
-                hint="percent-encode them in the URL: @ → %40, : → %3A, / → %2F, ? → %3F, "
-                "# → %23, % → %25, a space → %20 (python3 -c 'import urllib.parse, sys; "
-                'print(urllib.parse.quote(sys.argv[1], safe=""))\' PASSWORD)',
-            ) from None
+            raise _unreadable(url) from None
         raise UsageError(
             f"not a database: {redact(url)!r}",
             hint="give a file path (SQLite) or postgresql+psycopg://user@host/name",
+        ) from None
+    host = parsed.host or ""
+    if "@" in host or (parsed.host and "@" in (parsed.database or "")):
+        # An @ in the password, with a / after it or not: what reads as the host or the
+        # database is the password's tail and the real host.
+        raise _unreadable(url)
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise UsageError(
+            f"the database URL {mask_url(url)!r} names a host that cannot be one",
+            hint="check the host name (after the last @), and percent-encode the password",
         ) from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
@@ -313,6 +319,16 @@ def _checked_url(url: str) -> sa.URL:
     if backend == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we ship
     return parsed
+
+
+def _unreadable(url: str) -> UsageError:
+    return UsageError(
+        f"the database URL {mask_url(url)!r} cannot be read (its password or user "
+        "name holds a character that ends a URL part: @ : / ? # or %)",
+        hint="percent-encode them in the URL: @ → %40, : → %3A, / → %2F, ? → %3F, "
+        "# → %23, % → %25, a space → %20 (python3 -c 'import urllib.parse, sys; "
+        'print(urllib.parse.quote(sys.argv[1], safe=""))\' PASSWORD)',
+    )
 
 
 def _create_private(path: Path) -> None:
