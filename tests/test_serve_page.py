@@ -35,8 +35,18 @@ def browser() -> webdriver.Chrome:
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
+def text(driver: webdriver.Chrome, selector: str) -> str:
+    """The text of the first element `selector` finds, read in one step inside the page: page.js
+    replaces the tables every 2 s, so an element found first and read after may be gone."""
+    found = driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : null", selector
+    )
+    assert found is not None, f"nothing matches {selector}"
+    return found
+
+
 def progress(driver: webdriver.Chrome) -> str:
-    return driver.find_element(By.CSS_SELECTOR, "#jobs tr[data-job] .count").text
+    return text(driver, "#jobs tr[data-job] .count")
 
 
 @pytest.fixture
@@ -62,15 +72,15 @@ def test_the_page_shows_progress_moving_without_console_errors(db_path, job, tmp
     try:
         driver.get(server.url + "/")
         assert driver.title == "executor"
-        assert "nightly" in driver.find_element(By.ID, "jobs").text
+        assert "nightly" in text(driver, "#jobs")
         first = progress(driver)
         deadline = time.monotonic() + 60
         while progress(driver) == first:  # page.js refreshes every 2 s
             assert time.monotonic() < deadline, f"progress stayed {first!r}"
             time.sleep(0.5)
-        assert "live" in driver.find_element(By.ID, "workers").text
-        assert "slurm job 4242_3" in driver.find_element(By.ID, "workers").text
-        assert "updated" in driver.find_element(By.ID, "updated").text
+        assert "live" in text(driver, "#workers")
+        assert "slurm job 4242_3" in text(driver, "#workers")
+        assert "updated" in text(driver, "#updated")
         assert driver.find_elements(By.CSS_SELECTOR, "#vram svg.vram rect")
         assert driver.find_elements(By.CSS_SELECTOR, "#loads tbody tr")
         worker.communicate(timeout=120)
