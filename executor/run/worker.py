@@ -262,6 +262,8 @@ class Worker:
         self.closed = closed
         self._end_job()
         if self.loaded is not None:
+            # Say why first: status and the page show it before the card is free, not after.
+            self.housekeeping(now=True)
             log.info("unloading the model: %s", closed.reason)
             self._unload()
         self.job = None
