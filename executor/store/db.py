@@ -276,7 +276,7 @@ def _checked_url(url: str) -> sa.URL:
             hint="give a file path (SQLite) or postgresql+psycopg://user@host/name",
         ) from None
     host = parsed.host or ""
-    if "@" in host or (parsed.host and "@" in (parsed.database or "")):
+    if "@" in host or (host and "@" in (parsed.database or "")):
         # An @ in the password, with a / after it or not: what reads as the host or the
         # database is the password's tail and the real host.
         raise _unreadable(url)
